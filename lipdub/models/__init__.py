@@ -1,0 +1,1 @@
+"""Plain nn.Modules whose state-dict names equal the original implementations' names."""

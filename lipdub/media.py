@@ -1,0 +1,417 @@
+"""Reading and writing media through PyAV (no ffmpeg binary needed).
+
+Video is read on an *output clock*: tick i is at t0 + i/fps and shows the input frame whose
+timestamp is the latest one not after the tick (within half a tick). A constant-rate input maps
+one to one; a variable-rate input (dropped or repeated frames) is resampled by its timestamps,
+so the output never drifts from its audio. Everything streams: frames are decoded on a worker
+thread with a small queue and never collected into a list.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import av
+import cv2
+import numpy as np
+
+from .errors import LipdubError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+AAC_RATES = {96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000}
+
+# Silence PyAV/FFmpeg's own logging; errors reach the user through LipdubError instead.
+av.logging.set_level(av.logging.PANIC)
+
+
+def check_readable(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise LipdubError(f"file not found: {path}")
+    if not path.is_file():
+        raise LipdubError(f"not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise LipdubError(f"file is not readable: {path}")
+    if path.stat().st_size == 0:
+        raise LipdubError(f"file is empty: {path}")
+    return path
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise LipdubError(f"cannot read {path}: not a recognised media file ({exc.__class__.__name__})") from None
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """The first audio stream as mono float32 at `sample_rate`, channels averaged.
+
+    Audio is small next to video (a minute at 16 kHz is 4 MB), so it is decoded whole.
+    """
+    path = check_readable(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise LipdubError(f"{path} has no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        parts: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as exc:
+            raise LipdubError(f"cannot decode the audio of {path}: {exc}") from None
+    if not parts:
+        raise LipdubError(f"{path} has an audio stream with no samples")
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------- video
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The original inference's frame edits, applied right after decoding, in its order."""
+
+    resize_factor: int = 1
+    rotate: bool = False
+    crop: tuple[int, int, int, int] = (0, -1, 0, -1)  # top, bottom, left, right; -1 = to the edge
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self.resize_factor > 1:
+            h, w = frame.shape[:2]
+            frame = cv2.resize(frame, (w // self.resize_factor, h // self.resize_factor))
+        if self.rotate:
+            frame = cv2.rotate(frame, cv2.ROTATE_90_CLOCKWISE)
+        top, bottom, left, right = self.crop
+        if (top, bottom, left, right) != (0, -1, 0, -1):
+            h, w = frame.shape[:2]
+            frame = frame[top : h if bottom == -1 else bottom, left : w if right == -1 else right]
+        return np.ascontiguousarray(frame)
+
+
+@dataclass
+class VideoInfo:
+    width: int  # after rotation and transform
+    height: int
+    fps: Fraction
+    is_image: bool
+    n_frames_estimate: int
+    rotation: int = 0
+
+
+def _apply_rotation(image: np.ndarray, rotation: int) -> np.ndarray:
+    """Honour the display matrix: `rotation` degrees counter-clockwise, as players show it."""
+    k = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, k)) if k else image
+
+
+def _output_fps(stream: av.video.stream.VideoStream) -> Fraction:
+    """The clock rate: the nominal rate (r_frame_rate) unless it is absurd, else the average."""
+    for rate in (stream.guessed_rate, stream.average_rate, stream.base_rate):
+        if rate and 1 <= float(rate) <= 120:
+            return Fraction(rate).limit_denominator(1001)
+    return Fraction(25)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    path = check_readable(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:  # formats OpenCV lacks: let FFmpeg try
+        with _open(path) as container:
+            if not container.streams.video:
+                raise LipdubError(f"cannot read image {path}")
+            try:
+                image = next(container.decode(video=0)).to_ndarray(format="bgr24")
+            except (av.FFmpegError, StopIteration):
+                raise LipdubError(f"cannot decode image {path}") from None
+    return image
+
+
+class VideoSource:
+    """A face input (video or still image) read as BGR uint8 frames on the output clock."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 25.0, transform: Transform = Transform()):
+        self.path = check_readable(path)
+        self.transform = transform
+        self._image: np.ndarray | None = None
+        if is_image(self.path):
+            self._image = transform(read_image(self.path))
+            h, w = self._image.shape[:2]
+            self.info = VideoInfo(w, h, Fraction(fps).limit_denominator(1001), True, 1)
+            return
+        with _open(self.path) as container:
+            if not container.streams.video:
+                raise LipdubError(f"{self.path} has no video stream")
+            stream = container.streams.video[0]
+            try:
+                first = next(container.decode(stream))
+            except (av.FFmpegError, StopIteration):
+                raise LipdubError(f"cannot decode the video of {self.path} (unsupported or corrupt codec data)") from None
+            frame = transform(_apply_rotation(first.to_ndarray(format="bgr24"), first.rotation))
+            rate = _output_fps(stream)
+            duration = float(container.duration / 1e6) if container.duration else 0.0
+            estimate = stream.frames or int(round(duration * float(rate))) or 1
+            self.info = VideoInfo(frame.shape[1], frame.shape[0], rate, False, estimate, first.rotation)
+
+    # Raw decode: (pts, time, frame) in presentation order.
+    def _raw(self, seek_pts: int | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+        with _open(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if seek_pts is not None:
+                container.seek(seek_pts, stream=stream, backward=True)
+            time_base = float(stream.time_base or Fraction(1, 90000))
+            counter = 0
+            try:
+                for frame in container.decode(stream):
+                    pts = frame.pts if frame.pts is not None else counter
+                    time = pts * time_base if frame.pts is not None else counter / float(self.info.fps)
+                    counter += 1
+                    yield pts, time, _apply_rotation(frame.to_ndarray(format="bgr24"), frame.rotation)
+            except av.FFmpegError as exc:
+                raise LipdubError(f"error while decoding {self.path}: {exc}") from None
+
+    def clock(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Frames on the output clock, with the pts of the input frame each tick shows."""
+        if self._image is not None:
+            yield 0, self._image
+            return
+        tick = 1.0 / float(self.info.fps)
+        eps = 0.5 * tick
+        t0: float | None = None
+        i = 0
+        prev: tuple[int, np.ndarray] | None = None
+        last_time = 0.0
+        for pts, time, frame in self._raw():
+            if t0 is None:
+                t0 = time
+            while prev is not None and time > t0 + i * tick + eps:
+                yield prev
+                i += 1
+            prev = (pts, self.transform(frame))
+            last_time = time
+        if prev is None:
+            raise LipdubError(f"{self.path} has no decodable video frames")
+        while t0 + i * tick <= last_time + eps * 0.999:
+            yield prev
+            i += 1
+
+    def frames_at(self, tick_pts: Sequence[int], order: Iterable[int], block: int = 16) -> Iterator[np.ndarray]:
+        """Frames for an arbitrary sequence of tick indices (forward, repeated or backward).
+
+        Forward runs continue the sequential decoder; a jump (ping-pong turning back, a loop
+        restart) seeks and decodes one bounded block into a small cache, so memory stays at
+        `block` frames whatever the order.
+        """
+        if self._image is not None:
+            for _ in order:
+                yield self._image
+            return
+        cache: dict[int, np.ndarray] = {}
+        decoder: Iterator[tuple[int, float, np.ndarray]] | None = None
+        next_tick = 0  # tick the sequential decoder delivers next
+        pending: tuple[int, float, np.ndarray] | None = None
+        last_requested = -1
+        n = len(tick_pts)
+
+        def fill(start: int, stop: int) -> None:
+            """Decode ticks [start, stop) into the cache and leave the decoder after them."""
+            nonlocal decoder, next_tick, pending
+            if decoder is None or start != next_tick:
+                decoder = self._raw(seek_pts=None if start == 0 else tick_pts[start])
+                pending = None
+            cache.clear()
+            for j in range(start, stop):
+                want = tick_pts[j]
+                if j > 0 and tick_pts[j - 1] == want and (j - 1) in cache:
+                    cache[j] = cache[j - 1]
+                    continue
+                while True:
+                    if pending is None:
+                        pending = next(decoder, None)
+                        if pending is None:
+                            raise LipdubError(f"{self.path}: frame at pts {want} vanished on re-reading")
+                    if pending[0] >= want:
+                        break
+                    pending = None
+                cache[j] = self.transform(pending[2])
+            next_tick = stop
+
+        for j in order:
+            if j not in cache:
+                if j < last_requested:  # moving backwards: take the block that ends at j
+                    fill(max(0, j - block + 1), j + 1)
+                else:
+                    fill(j, min(n, j + block))
+            last_requested = j
+            yield cache[j]
+
+
+def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
+    """Run an iterator on a worker thread with a bounded queue (decoding overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------- writer
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LipdubError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise LipdubError(f"output folder is not writable: {parent}")
+    if path.is_dir():
+        raise LipdubError(f"output path is a folder: {path}")
+    return path
+
+
+@dataclass
+class VideoWriter:
+    """An H.264 + AAC mp4 written to a hidden temp file and renamed into place only when complete.
+
+    Audio is re-decoded from `audio_path` and muxed as the video advances, so it streams too.
+    Both streams start at time zero. Odd frame sizes are padded by one replicated row/column
+    because 4:2:0 H.264 needs even dimensions.
+    """
+
+    path: Path
+    width: int
+    height: int
+    fps: Fraction
+    audio_path: Path | None = None
+    crf: int = 18
+    preset: str = "veryfast"
+    _container: av.container.OutputContainer | None = field(default=None, init=False)
+    n_frames: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.path = check_writable(self.path)
+        self.temp = self.path.with_name(f".{self.path.stem}.partial{os.getpid()}.mp4")
+
+    def __enter__(self) -> "VideoWriter":
+        try:
+            self._container = av.open(str(self.temp), "w", format="mp4")
+        except (av.FFmpegError, OSError) as exc:
+            raise LipdubError(f"cannot write {self.path}: {exc}") from None
+        self._video = self._container.add_stream("libx264", rate=self.fps)
+        self._video.width = self.width + self.width % 2
+        self._video.height = self.height + self.height % 2
+        self._video.pix_fmt = "yuv420p"
+        self._video.options = {"crf": str(self.crf), "preset": self.preset}
+        self._video.codec_context.time_base = Fraction(1, 1) / self.fps
+        self._audio_packets: Iterator | None = None
+        self._audio_source = None
+        if self.audio_path is not None:
+            self._audio_source = _open(Path(self.audio_path))
+            in_stream = self._audio_source.streams.audio[0]
+            rate = in_stream.rate if in_stream.rate in AAC_RATES else 48000
+            layout = "mono" if in_stream.channels == 1 else "stereo"
+            self._audio_stream = self._container.add_stream("aac", rate=rate, layout=layout)
+            self._audio_packets = self._audio_from(self._audio_source, in_stream, rate, layout)
+            self._next_audio = next(self._audio_packets, None)
+        return self
+
+    def _audio_from(self, source, in_stream, rate, layout) -> Iterator[tuple[float, av.Packet]]:
+        """Yield (time, packet); timestamps are counted from the first sample so audio starts at 0."""
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        stream = self._audio_stream
+        samples = 0
+
+        def encode(frames):
+            nonlocal samples
+            for out in frames:
+                out.pts, out.time_base = samples, Fraction(1, rate)
+                samples += out.samples
+                yield from stream.encode(out)
+
+        def packets():
+            for frame in source.decode(in_stream):
+                frame.pts = None
+                yield from encode(resampler.resample(frame))
+            yield from encode(resampler.resample(None))
+            yield from stream.encode(None)
+
+        for packet in packets():
+            time = float(packet.pts * packet.time_base) if packet.pts is not None else float("inf")
+            yield time, packet
+
+    def write(self, frame: np.ndarray) -> None:
+        if frame.shape[0] != self._video.height or frame.shape[1] != self._video.width:
+            frame = np.pad(frame, ((0, self._video.height - frame.shape[0]), (0, self._video.width - frame.shape[1]), (0, 0)), mode="edge")
+        video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
+        video_frame.pts = self.n_frames
+        for packet in self._video.encode(video_frame):
+            self._container.mux(packet)
+        self.n_frames += 1
+        self._mux_audio_until(self.n_frames / float(self.fps))
+
+    def _mux_audio_until(self, time: float) -> None:
+        while self._audio_packets is not None and self._next_audio is not None and self._next_audio[0] <= time:
+            self._container.mux(self._next_audio[1])
+            self._next_audio = next(self._audio_packets, None)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for packet in self._video.encode():
+                    self._container.mux(packet)
+                self._mux_audio_until(float("inf"))
+            self._container.close()
+            if self._audio_source is not None:
+                self._audio_source.close()
+        except BaseException:
+            self.temp.unlink(missing_ok=True)
+            raise
+        if exc_type is None:
+            os.replace(self.temp, self.path)
+        else:
+            self.temp.unlink(missing_ok=True)

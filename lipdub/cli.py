@@ -6,6 +6,8 @@ keep their traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 
@@ -37,10 +39,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="crop the input first (-1 = to the edge)")
     p.add_argument("--rotate", action="store_true", help="rotate the input 90 degrees clockwise first")
     p.add_argument("--batch-size", type=int, default=16, help="frames per generator batch")
-    p.add_argument("--det-batch-size", type=int, default=8, help="frames per detector batch")
+    p.add_argument("--det-batch-size", type=int, default=0, help="frames per detector batch (0 = best for the device)")
     p.add_argument("--det-stride", type=int, default=0, help="detect every N-th frame (0 = about 6 per second)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
+    p.add_argument("--restore", choices=["gfpgan"], default=None, help="restore the face with GFPGAN after lip-sync")
+    p.add_argument("--restore-checkpoint", default="gfpgan_v1.4", help="gfpgan_v1.3, gfpgan_v1.4 or a .pth path")
+    p.add_argument("--restore-region", choices=["mouth", "face"], default="mouth",
+                   help="what restoration may change (default mouth)")
+    p.add_argument("--restore-weight", type=float, default=1.0, help="0..1 blend of restored and lip-synced face")
+    p.add_argument("--upscale", type=int, choices=[1, 2, 4], default=1, help="output size factor (with --restore)")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="write a JSON report: coverage, timings, and LSE-D/LSE-C when syncnet_v2 weights are cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
 
@@ -55,6 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         static=args.static, resize_factor=args.resize_factor, crop=tuple(args.crop), rotate=args.rotate,
         batch_size=args.batch_size, det_batch_size=args.det_batch_size, det_stride=args.det_stride,
         device=args.device, skip_sha256=args.skip_sha256, progress=not args.quiet,
+        restore=args.restore, restore_checkpoint=args.restore_checkpoint, restore_region=args.restore_region,
+        restore_weight=args.restore_weight, upscale=args.upscale, report=args.report,
     )
     result = sync(args.face, args.audio, args.output, options=options)
     if args.json:
@@ -100,16 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_weights(sub)
+    for name in EXTENSIONS:
+        importlib.import_module(name).add_cli(sub)
     return parser
 
 
 COMMANDS = {"run": _run, "weights": _weights}
+# Modules that add their own subcommand: `add_cli(sub)` registers a parser whose defaults carry
+# `handler=function(args) -> exit code`.
+EXTENSIONS = [name for name in ("lipdub.enhance", "lipdub.evaluate", "lipdub.serve")
+              if importlib.util.find_spec(name) is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except LipdubError as exc:
         print(f"lipdub: error: {exc}", file=sys.stderr)
         return 2

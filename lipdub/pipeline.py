@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -51,25 +51,43 @@ class SyncOptions:
     crop: tuple[int, int, int, int] = (0, -1, 0, -1)
     rotate: bool = False
     batch_size: int = 16
-    det_batch_size: int = 8
+    det_batch_size: int = 0  # 0 = the detector's best for the device
     det_stride: int = 0  # 0 = about 6 detections per second
     device: str = "auto"
     skip_sha256: bool = False
     progress: bool = True
+    # called as progress_callback(stage, done, total) with stage "scan" or "render"
+    progress_callback: Callable[[str, int, int], None] | None = None
+    restore: str | None = None  # "gfpgan": restore the face after lip-sync
+    restore_checkpoint: str = "gfpgan_v1.4"
+    restore_region: str = "mouth"  # mouth | face
+    restore_weight: float = 1.0
+    upscale: int = 1
+    report: str | None = None  # path of a JSON report on the output (metrics, coverage, timings)
 
     def validate(self) -> None:
         if self.blend not in ("feather", "box"):
             raise LipdubError(f"unknown blend mode '{self.blend}' (feather, box)")
         if self.length not in ("pingpong", "loop"):
             raise LipdubError(f"unknown length policy '{self.length}' (pingpong, loop)")
-        if self.batch_size < 1 or self.det_batch_size < 1:
-            raise LipdubError("batch sizes must be at least 1")
+        if self.batch_size < 1 or self.det_batch_size < 0:
+            raise LipdubError("--batch-size must be at least 1 and --det-batch-size at least 0")
         if self.resize_factor < 1:
             raise LipdubError("--resize-factor must be at least 1")
         if not 1 <= self.fps <= 120:
             raise LipdubError("--fps must be between 1 and 120")
         if self.face_index is not None and self.face_index < 0:
             raise LipdubError("--face-index must be 0 or more")
+        if self.restore not in (None, "gfpgan"):
+            raise LipdubError(f"unknown restorer '{self.restore}' (gfpgan)")
+        if self.restore_region not in ("mouth", "face"):
+            raise LipdubError(f"unknown restore region '{self.restore_region}' (mouth, face)")
+        if not 0.0 <= self.restore_weight <= 1.0:
+            raise LipdubError("--restore-weight must be between 0 and 1")
+        if self.upscale not in (1, 2, 4):
+            raise LipdubError("--upscale must be 1, 2 or 4")
+        if self.upscale != 1 and self.restore is None:
+            raise LipdubError("--upscale needs --restore gfpgan")
 
 
 @dataclass
@@ -177,7 +195,15 @@ class Scan:
     cuts: list[int]
 
 
-def scan(source: VideoSource, detector, stride: int, timer: Timer, progress: bool) -> Scan:
+def scan(
+    source: VideoSource,
+    detector,
+    stride: int,
+    timer: Timer,
+    progress: bool,
+    callback: Callable[[str, int, int], None] | None = None,
+    max_frames: int | None = None,
+) -> Scan:
     """Decode every frame once; detect on a stride, and on every frame around a change.
 
     Frames since the last detection are kept at detection resolution only (a few hundred KB
@@ -235,6 +261,10 @@ def scan(source: VideoSource, detector, stride: int, timer: Timer, progress: boo
             pending.append((index, small, scale))
         last = (index, small, scale)
         bar.update(1)
+        if callback is not None:
+            callback("scan", index + 1, source.info.n_frames_estimate)
+        if max_frames is not None and index + 1 >= max_frames:
+            break
     if last is not None and last[0] != last_detected:
         pending = [p for p in pending if p[0] != last[0]]
         flush(*last)
@@ -260,29 +290,35 @@ def source_order(n_out: int, n_src: int, length: str, static: bool) -> Iterator[
 def generator_inputs(frames: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
     """(B, 6, 96, 96) float32: masked target and reference face, as the original builds them.
 
-    Division by 255 happens in float64 before the cast to float32, exactly like the original,
-    so the inputs are bit-identical to its inputs.
+    Division by 255 happens in float64 before the cast to float32, and the array is a
+    channels-last view (the memory layout the original hands to torch), because the CPU
+    convolutions round differently for the two layouts: with this one the predictions, and so
+    the truncated uint8 mouths, are bit-identical to the original's.
     """
     faces = np.stack([cv2.resize(f[b[1] : b[3], b[0] : b[2]], (96, 96)) for f, b in zip(frames, boxes)])
     masked = faces.copy()
     masked[:, 48:] = 0
     batch = np.concatenate((masked, faces), axis=3) / 255.0
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32)
+    return batch.astype(np.float32).transpose(0, 3, 1, 2)
 
 
 def render(
     source: VideoSource,
     tick_pts: Sequence[int],
     track: FaceTrack,
-    chunks: np.ndarray,
+    mel: np.ndarray,
+    starts: Sequence[int],
+    order: Sequence[int],
     model: Wav2Lip,
     options: SyncOptions,
     timer: Timer,
 ) -> Iterator[np.ndarray]:
-    """Yield output frames (BGR uint8) in order, generating mouths in batches."""
+    """Yield output frames (BGR uint8) in order, generating mouths in batches.
+
+    Output frame i shows source frame `order[i]` with the mouth for mel window `starts[i]`.
+    """
     device = next(model.parameters()).device
-    n_out = len(chunks)
-    order = list(source_order(n_out, len(tick_pts), options.length, options.static))
+    n_out = len(starts)
     frames = prefetch(source.frames_at(tick_pts, order), size=max(4, options.batch_size))
     paste = paste_box if options.blend == "box" else None
     for start in range(0, n_out, options.batch_size):
@@ -296,7 +332,8 @@ def render(
             boxes = [track.boxes[order[start + k]] for k in rows]
             with timer("generate"):
                 faces = torch.from_numpy(generator_inputs([batch[k] for k in rows], boxes)).to(device)
-                mels = torch.from_numpy(chunks[[start + k for k in rows]][:, None].astype(np.float32)).to(device)
+                windows = [mel[:, starts[start + k] : starts[start + k] + audio_mod.MEL_STEP_SIZE] for k in rows]
+                mels = torch.from_numpy(np.stack(windows)[:, None].astype(np.float32)).to(device)
                 with torch.inference_mode():
                     preds = model(mels, faces).float().cpu().numpy().transpose(0, 2, 3, 1)
             with timer("blend"):
@@ -308,11 +345,60 @@ def render(
         yield from batch
 
 
+def _target_track(source: VideoSource, opts: SyncOptions, device: torch.device, timer: Timer) -> tuple[list[int], FaceTrack]:
+    """Output clock ticks of the face video and the target face on each of them."""
+    width, height = source.info.width, source.info.height
+    if opts.box is not None:
+        if source.info.is_image or opts.static:
+            tick_pts = [0]
+        else:
+            with timer("decode"):
+                tick_pts = [pts for pts, _ in source.clock()]
+        return tick_pts, fixed_track(opts.box, len(tick_pts), width, height)
+    from .faces.base import load_detector
+
+    detector = load_detector(opts.detector, device, opts.detector_weights, batch_size=opts.det_batch_size or None)
+    fps = float(source.info.fps)
+    stride = 1 if opts.static else (opts.det_stride or max(1, round(fps / 6)))
+    found = scan(source, detector, stride, timer, opts.progress, opts.progress_callback,
+                 max_frames=1 if opts.static else None)
+    track = build_track(
+        found.detections, found.cuts, len(found.tick_pts), width, height,
+        pads=tuple(opts.pads), smooth=opts.smooth, face_index=opts.face_index, max_gap=2 * stride + 2,
+    )
+    if not track.valid.any():
+        what = f"face #{opts.face_index}" if opts.face_index is not None else "face"
+        where = "the first frame of " if opts.static else ""
+        raise LipdubError(f"no {what} found anywhere in {where}{source.path}")
+    return found.tick_pts, track
+
+
+def _restore_stage(frames: Iterator[np.ndarray], track: FaceTrack, order: Sequence[int], opts: SyncOptions,
+                   device: torch.device, timer: Timer) -> Iterator[np.ndarray]:
+    """GFPGAN on the lip-synced frames, aligned with the track's smoothed landmarks."""
+    from .enhance import RestoreStage
+
+    if track.landmarks is None or not np.isfinite(track.landmarks[track.valid]).all():
+        raise LipdubError("--restore needs five-point face landmarks: use the centerface detector (not --box or s3fd)")
+    with timer("load"):
+        stage = RestoreStage(opts.restore_checkpoint, device=device, region=opts.restore_region,
+                             weight=opts.restore_weight, upscale=opts.upscale, skip_sha256=opts.skip_sha256,
+                             progress=opts.progress)
+    landmarks = (track.landmarks[j] if track.valid[j] else None for j in order)
+    out = stage.process(frames, landmarks)
+    while True:
+        with timer("restore"):
+            frame = next(out, None)
+        if frame is None:
+            return
+        yield frame
+
+
 def sync(face: str | Path, audio: str | Path, output: str | Path, **options) -> SyncResult:
     """Make the person in `face` (video or image) speak `audio`; write an H.264/AAC mp4 to `output`.
 
-    Options are the fields of SyncOptions. Raises LipdubError for anything the user can fix;
-    on any failure no output file is left behind.
+    Options are the fields of SyncOptions (or `options=SyncOptions(...)`). Raises LipdubError
+    for anything the user can fix; on any failure no output file is left behind.
     """
     opts = options.pop("options", None) or SyncOptions(**options)
     opts.validate()
@@ -320,6 +406,7 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, **options) -> 
     started = time.perf_counter()
     face_path, audio_path = check_readable(face), check_readable(audio)
     output = check_writable(output)
+    report = check_writable(opts.report) if opts.report else None
 
     transform = Transform(opts.resize_factor, opts.rotate, tuple(opts.crop))
     source = VideoSource(face_path, fps=opts.fps, transform=transform)
@@ -328,50 +415,59 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, **options) -> 
         wav = load_audio(audio_path)
         if not np.any(wav):
             raise LipdubError(f"{audio_path} is silent (all samples are zero)")
-        chunks = audio_mod.mel_chunks(audio_mod.melspectrogram(wav), fps)
+        mel = audio_mod.melspectrogram(wav)
+        starts = audio_mod.chunk_starts(mel.shape[1], fps)
+        del wav
 
     device = pick_device(opts.device)
     with timer("load"):
         model = load_generator(opts.checkpoint, device, opts.skip_sha256, opts.progress)
-
-    width, height = source.info.width, source.info.height
-    if opts.box is not None:
-        if source.info.is_image:
-            tick_pts = [0]
-        else:
-            with timer("decode"):
-                tick_pts = [pts for pts, _ in source.clock()]
-        track = fixed_track(opts.box, len(tick_pts), width, height)
-    else:
-        from .faces.base import load_detector
-
-        detector = load_detector(opts.detector, device, opts.detector_weights)
-        stride = opts.det_stride or max(1, round(fps / 6))
-        if opts.static:  # only the first frame is ever shown
-            stride = 1
-        result = scan(source, detector, stride, timer, opts.progress)
-        tick_pts = result.tick_pts
-        track = build_track(
-            result.detections, result.cuts, len(tick_pts), width, height,
-            pads=tuple(opts.pads), smooth=opts.smooth, face_index=opts.face_index, max_gap=2 * stride + 2,
-        )
-        if not track.valid.any():
-            what = f"face #{opts.face_index}" if opts.face_index is not None else "face"
-            raise LipdubError(f"no {what} found anywhere in {face_path}")
+    tick_pts, track = _target_track(source, opts, device, timer)
     if opts.static:
         tick_pts = tick_pts[:1]
-        if not track.valid[0]:
-            raise LipdubError(f"no face found in the first frame of {face_path} (needed with --static)")
+    order = list(source_order(len(starts), len(tick_pts), opts.length, opts.static))
 
-    bar = tqdm(total=len(chunks), desc="lip-sync", unit="frame", disable=not opts.progress)
-    shown = 0
+    frames = render(source, tick_pts, track, mel, starts, order, model, opts, timer)
+    if opts.restore:
+        frames = _restore_stage(frames, track, order, opts, device, timer)
+    width, height = source.info.width * opts.upscale, source.info.height * opts.upscale
+    bar = tqdm(total=len(order), desc="lip-sync", unit="frame", disable=not opts.progress)
     with VideoWriter(output, width, height, source.info.fps, audio_path=audio_path) as writer:
-        for frame in render(source, tick_pts, track, chunks, model, opts, timer):
+        for done, frame in enumerate(frames, 1):
             with timer("encode"):
                 writer.write(frame)
             bar.update(1)
+            if opts.progress_callback is not None:
+                opts.progress_callback("render", done, len(order))
     bar.close()
-    order = source_order(len(chunks), len(tick_pts), opts.length, opts.static)
-    shown = int(sum(track.valid[j] for j in order))
     timer.seconds["total"] = time.perf_counter() - started
-    return SyncResult(output, len(chunks), fps, width, height, shown, dict(timer.seconds))
+    shown = int(track.valid[order].sum())
+    result = SyncResult(output, len(order), fps, width, height, shown, dict(timer.seconds))
+    if report is not None:
+        write_report(result, report, opts, device)
+    return result
+
+
+def write_report(result: SyncResult, path: Path, opts: SyncOptions, device: torch.device) -> None:
+    """`--report`: the result, face coverage, stage timings and, when SyncNet weights are cached, LSE metrics."""
+    import json
+    import os
+
+    from . import weights
+
+    data = result.as_dict()
+    data["frames_without_face"] = result.n_frames - result.frames_with_face
+    data["coverage"] = result.frames_with_face / max(1, result.n_frames)
+    data["frames_per_second"] = result.n_frames / max(1e-9, result.timings.get("total", 0.0))
+    syncnet = weights.cache_path("syncnet_v2")
+    if not syncnet.is_file():
+        data["sync"] = None
+        data["sync_note"] = "syncnet_v2 weights not cached (lipdub weights download syncnet_v2)"
+    else:
+        from .evaluate import evaluate
+
+        data["sync"] = evaluate(result.output, checkpoint=str(syncnet), detector=opts.detector, device=str(device),
+                                progress=opts.progress)
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)

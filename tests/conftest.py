@@ -44,3 +44,50 @@ def media() -> Path:
     if not MEDIA.is_dir():
         pytest.skip(f"shared media not found at {MEDIA}")
     return MEDIA
+
+
+def write_wav(path: Path, samples, rate: int = 16000) -> Path:
+    """16-bit mono PCM wav through the standard library (independent of lipdub's writers)."""
+    import wave
+
+    import numpy as np
+
+    pcm = np.clip(np.round(np.asarray(samples, dtype=np.float64) * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as fh:
+        fh.setnchannels(1)
+        fh.setsampwidth(2)
+        fh.setframerate(rate)
+        fh.writeframes(pcm.tobytes())
+    return path
+
+
+def short_speech(path: Path, seconds: float, offset: float = 0.0) -> Path:
+    """A piece of the a1 speech recording as a 16 kHz mono wav."""
+    from lipdub.media import load_audio
+
+    wav = load_audio(MEDIA / "a1_en_radio_16k_stereo.wav")
+    start = int(offset * 16000)
+    return write_wav(path, wav[start : start + int(seconds * 16000)])
+
+
+def short_clip(src: Path, dst: Path, n_frames: int) -> Path:
+    """The first `n_frames` of a video re-encoded (H.264, same size and rate, no audio)."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        vin = inp.streams.video[0]
+        vout = out.add_stream("libx264", rate=vin.average_rate)
+        vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
+        vout.options = {"crf": "12"}
+        for i, frame in enumerate(inp.decode(vin)):
+            if i == n_frames:
+                break
+            frame = frame.reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1) / vin.average_rate
+            for packet in vout.encode(frame):
+                out.mux(packet)
+        for packet in vout.encode():
+            out.mux(packet)
+    return dst

@@ -20,11 +20,14 @@ class FaceTrack:
     """Per output frame: integer box (x1, y1, x2, y2) and blend strength alpha in [0, 1].
 
     `boxes[i]` is meaningless where `valid[i]` is False (no face: the frame passes through).
+    `landmarks[i]` (five (x, y) points, interpolated and smoothed like the boxes, unpadded) is
+    NaN where the detector gave none; face restoration aligns with them.
     """
 
     boxes: np.ndarray  # (n, 4) int
     valid: np.ndarray  # (n,) bool
     alpha: np.ndarray  # (n,) float32
+    landmarks: np.ndarray | None = None  # (n, 5, 2) float32
 
     @property
     def coverage(self) -> float:
@@ -39,14 +42,20 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def _state(face: Face) -> np.ndarray:
+    """What a track carries per detection: box (4) then landmarks (10, NaN when unknown)."""
+    points = np.full(10, np.nan) if face.landmarks is None else np.asarray(face.landmarks, np.float64).ravel()
+    return np.concatenate([np.asarray(face.box, dtype=np.float64), points])
+
+
 def link_tracks(detections: dict[int, list[Face]], frames: list[int], min_iou: float = 0.3) -> list[dict[int, np.ndarray]]:
-    """Greedy IoU linking of detections (in frame order) into tracks: [{frame: box}]."""
+    """Greedy IoU linking of detections (in frame order) into tracks: [{frame: state}] (see `_state`)."""
     tracks: list[dict[int, np.ndarray]] = []
     last: list[np.ndarray] = []
     for f in frames:
         taken: set[int] = set()
         for face in sorted(detections.get(f, []), key=lambda d: -d.score):
-            box = np.asarray(face.box, dtype=np.float64)
+            box = _state(face)
             scores = [(iou(box, last[t]), t) for t in range(len(tracks)) if t not in taken and f not in tracks[t]]
             best = max(scores, default=(0.0, -1))
             if best[0] >= min_iou:
@@ -84,7 +93,7 @@ def choose_target(
         for f in frames:
             faces = sorted(detections.get(f, []), key=lambda d: d.box[0] + d.box[2])
             if face_index < len(faces):
-                out[f] = np.asarray(faces[face_index].box, dtype=np.float64)
+                out[f] = _state(faces[face_index])
         return out
     tracks = link_tracks(detections, frames)
     if not tracks:
@@ -93,12 +102,24 @@ def choose_target(
 
 
 def _smooth(boxes: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average (window shrinks at the run's ends)."""
-    half = window // 2
-    cumsum = np.concatenate([np.zeros((1, 4)), np.cumsum(boxes, axis=0)])
-    idx = np.arange(len(boxes))
-    lo, hi = np.maximum(0, idx - half), np.minimum(len(boxes), idx + half + 1)
-    return (cumsum[hi] - cumsum[lo]) / (hi - lo)[:, None]
+    """Centred moving average; near the run's ends the window shrinks symmetrically.
+
+    A window cut off on one side only would pull the first and last boxes of a run towards
+    the middle of the run (a moving face's box would lag behind it). Values that are NaN
+    (landmarks a detector did not give) stay NaN and do not spread to their neighbours.
+    """
+    n = len(boxes)
+    idx = np.arange(n)
+    half = np.minimum(window // 2, np.minimum(idx, n - 1 - idx))
+    lo, hi = idx - half, idx + half + 1
+    known = np.isfinite(boxes)
+    zero = np.zeros((1, boxes.shape[1]))
+    sums = np.concatenate([zero, np.cumsum(np.where(known, boxes, 0.0), axis=0)])
+    counts = np.concatenate([zero, np.cumsum(known, axis=0)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (sums[hi] - sums[lo]) / (counts[hi] - counts[lo])
+    out[~known] = np.nan
+    return out
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -126,7 +147,7 @@ def build_track(
     Between two detections of the target at most `max_gap` frames apart the box is linearly
     interpolated; a detection frame without the target ends the run (the face is gone).
     """
-    boxes = np.zeros((n_frames, 4), dtype=np.float64)
+    boxes = np.zeros((n_frames, 14), dtype=np.float64)  # box then landmarks, as `_state`
     valid = np.zeros(n_frames, dtype=bool)
     bounds = [0] + sorted(c for c in set(cuts) if 0 < c < n_frames) + [n_frames]
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -148,9 +169,11 @@ def build_track(
         for start, stop in zip(bounds[:-1], bounds[1:]):
             for a, b in _runs(valid[start:stop]):
                 boxes[start + a : start + b] = _smooth(boxes[start + a : start + b], smooth_window)
-    int_boxes = np.round(boxes).astype(np.int64)
+    int_boxes = np.round(boxes[:, :4]).astype(np.int64)
     valid &= (int_boxes[:, 2] - int_boxes[:, 0] >= 8) & (int_boxes[:, 3] - int_boxes[:, 1] >= 8)
-    return FaceTrack(int_boxes, valid, fade_alpha(valid, fade))
+    landmarks = boxes[:, 4:].reshape(n_frames, 5, 2).astype(np.float32)
+    landmarks[~valid] = np.nan
+    return FaceTrack(int_boxes, valid, fade_alpha(valid, fade), landmarks)
 
 
 def fade_alpha(valid: np.ndarray, fade: int) -> np.ndarray:

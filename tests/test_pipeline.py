@@ -1,0 +1,261 @@
+"""End-to-end behaviour of `lipdub.sync` on real media with deterministic (rule-A) weights.
+
+The conformance test re-implements the original Wav2Lip inference loop here, step by step
+(frame loop, mel windows, input batch, truncating paste), independently of lipdub's pipeline,
+and compares frames before encoding (exact) and after encoding (codec loss only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lipdub import audio as audio_mod
+from lipdub.errors import LipdubError
+from lipdub.faces.track import fixed_track
+from lipdub.media import VideoSource, load_audio
+from lipdub.models.wav2lip import Wav2Lip
+from lipdub.pipeline import SyncOptions, Timer, render, scan, source_order, sync
+
+from .conftest import MEDIA, short_clip, short_speech
+
+V3 = MEDIA / "v3_woman_glasses_524x524_25fps.mp4"
+V5 = MEDIA / "v5_multiface_cuts_640x360_29.97fps.mp4"
+BOX = (150, 450, 110, 410)  # TOP BOTTOM LEFT RIGHT around the v3 face
+
+
+def decode(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+def stream_durations(path: Path) -> dict[str, float]:
+    with av.open(str(path)) as c:
+        out = {}
+        for s in c.streams:
+            if s.duration is not None:
+                out[s.type] = float(s.duration * s.time_base)
+        return out
+
+
+@pytest.fixture(scope="module")
+def generator(rule_a) -> Wav2Lip:
+    model = Wav2Lip()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in rule_a.rule_a("wav2lip").items()})
+    return model.eval()
+
+
+def original_inference(frames: list[np.ndarray], wav: np.ndarray, fps: float, box, model, batch_size: int):
+    """The original inference.py loop with --box and default options (no pads, no smoothing)."""
+    mel = audio_mod.melspectrogram(wav)
+    chunks, mult, i = [], 80.0 / fps, 0
+    while True:
+        start = int(i * mult)
+        if start + 16 > mel.shape[1]:
+            chunks.append(mel[:, mel.shape[1] - 16 :])
+            break
+        chunks.append(mel[:, start : start + 16])
+        i += 1
+    y1, y2, x1, x2 = box
+    out = []
+    for b in range(0, len(chunks), batch_size):
+        idx = range(b, min(len(chunks), b + batch_size))
+        fr = [frames[i % len(frames)].copy() for i in idx]
+        faces = np.asarray([cv2.resize(f[y1:y2, x1:x2], (96, 96)) for f in fr])
+        masked = faces.copy()
+        masked[:, 96 // 2 :] = 0
+        img = np.concatenate((masked, faces), axis=3) / 255.0
+        mels = np.asarray([chunks[i] for i in idx])[..., None]
+        img_t = torch.FloatTensor(np.transpose(img, (0, 3, 1, 2)))
+        mel_t = torch.FloatTensor(np.transpose(mels, (0, 3, 1, 2)))
+        with torch.no_grad():
+            pred = model(mel_t, img_t).numpy().transpose(0, 2, 3, 1) * 255.0
+        for p, f in zip(pred, fr):
+            f[y1:y2, x1:x2] = cv2.resize(p.astype(np.uint8), (x2 - x1, y2 - y1))
+            out.append(f)
+    return out
+
+
+def test_box_mode_equals_original_inference(tmp_path, media, generator, wav2lip_checkpoint):
+    clip = short_clip(V3, tmp_path / "clip.mp4", 12)
+    speech = short_speech(tmp_path / "speech.wav", 1.0)  # 22 output frames: loops the 12-frame clip
+    frames = decode(clip)
+    wav = load_audio(speech)
+    expected = original_inference(frames, wav, 25.0, BOX, generator, batch_size=8)
+
+    # Before encoding: lipdub's render stage gives the original's frames exactly.
+    opts = SyncOptions(box=BOX, blend="box", length="loop", batch_size=8, progress=False)
+    source = VideoSource(clip)
+    ticks = [pts for pts, _ in source.clock()]
+    mel = audio_mod.melspectrogram(wav)
+    starts = audio_mod.chunk_starts(mel.shape[1], 25.0)
+    order = list(source_order(len(starts), len(ticks), "loop", False))
+    track = fixed_track(BOX, len(ticks), 524, 524)
+    rendered = list(render(source, ticks, track, mel, starts, order, generator, opts, Timer()))
+    assert len(rendered) == len(expected) == 22
+    worst = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(rendered, expected))
+    assert worst == 0, f"render differs from the original loop by up to {worst}"
+
+    # After encoding: the written mp4 differs only by codec loss.
+    out = tmp_path / "out.mp4"
+    result = sync(clip, speech, out, checkpoint=str(wav2lip_checkpoint), box=BOX, blend="box", length="loop",
+                  batch_size=8, progress=False)
+    written = decode(out)
+    assert result.n_frames == len(written) == 22
+    y1, y2, x1, x2 = BOX
+    for got, want, orig in zip(written, expected, (frames[i % len(frames)] for i in range(22))):
+        assert psnr(got, want) > 33.0
+        # The generated (random-weight) mouth is far from the input face, so a pipeline that
+        # skipped or misplaced the paste would fail by a wide margin.
+        assert psnr(got[y1:y2, x1:x2], want[y1:y2, x1:x2]) > 30.0
+        assert psnr(orig[y1:y2, x1:x2], want[y1:y2, x1:x2]) < 20.0
+
+
+def test_feather_changes_only_the_tracked_lower_face(tmp_path, media, generator):
+    clip = short_clip(V3, tmp_path / "clip.mp4", 10)
+    wav = load_audio(short_speech(tmp_path / "speech.wav", 0.5))
+    from lipdub.faces.base import load_detector
+    from lipdub.faces.track import build_track
+
+    source = VideoSource(clip)
+    found = scan(source, load_detector("centerface"), 2, Timer(), False)
+    track = build_track(found.detections, found.cuts, len(found.tick_pts), 524, 524)
+    assert track.valid.all()
+    mel = audio_mod.melspectrogram(wav)
+    starts = audio_mod.chunk_starts(mel.shape[1], 25.0)
+    order = list(source_order(len(starts), len(found.tick_pts), "pingpong", False))
+    frames = decode(clip)
+    out = list(render(source, found.tick_pts, track, mel, starts, order, generator, SyncOptions(progress=False), Timer()))
+    assert len(out) == len(starts) == 10 == len(order)
+    for i, (got, j) in enumerate(zip(out, order)):
+        x1, y1, x2, y2 = track.boxes[j]
+        changed = np.any(got != frames[j], axis=2)
+        assert changed.any()
+        ys, xs = np.nonzero(changed)
+        assert x1 <= xs.min() and xs.max() < x2 and y1 <= ys.min() and ys.max() < y2
+        assert ys.min() > y1 + 0.3 * (y2 - y1), "feather blend reached into the upper face"
+        # No visible box: along the box's left and right edge nothing changes.
+        assert not changed[y1:y2, x1].any() and not changed[y1:y2, x2 - 1].any()
+
+
+def test_no_face_frames_pass_through_and_cuts_restart(tmp_path, media, generator, wav2lip_checkpoint):
+    """v5 has several shots, some without a usable face: those frames must come out untouched."""
+    from lipdub.faces.base import load_detector
+    from lipdub.faces.track import build_track
+
+    source = VideoSource(V5)
+    stride = 5
+    found = scan(source, load_detector("centerface"), stride, Timer(), False)
+    n = len(found.tick_pts)
+    track = build_track(found.detections, found.cuts, n, 640, 360, max_gap=2 * stride + 2)
+    assert found.cuts, "v5 has shot cuts"
+    assert track.valid.any() and not track.valid.all()
+    gaps = np.flatnonzero(~track.valid)
+    mel = audio_mod.melspectrogram(load_audio(MEDIA / "a3_zh_mandarin_aishell_16k_mono.wav"))
+    starts = audio_mod.chunk_starts(mel.shape[1], float(source.info.fps))[:90]  # the gap is at 43-81
+    order = list(range(len(starts)))
+    ref = {}
+    for i, (_, frame) in enumerate(source.clock()):
+        if i >= len(order):
+            break
+        ref[i] = frame
+    out = render(source, found.tick_pts, track, mel, starts, order, generator, SyncOptions(progress=False), Timer())
+    seen_gap = seen_face = 0
+    for i, frame in enumerate(out):
+        if not track.valid[i]:
+            assert np.array_equal(frame, ref[i]), f"no-face frame {i} was modified"
+            seen_gap += 1
+        elif track.alpha[i] == 1.0:
+            assert not np.array_equal(frame, ref[i])
+            seen_face += 1
+    assert seen_gap > 0 and seen_face > 0 and len(gaps) >= seen_gap
+
+
+def test_length_policies_follow_source_order(tmp_path, media, generator):
+    """Ping-pong and loop show the source frames in the expected order outside the face box."""
+    clip = short_clip(V3, tmp_path / "clip.mp4", 5)
+    frames = decode(clip)
+    wav = load_audio(short_speech(tmp_path / "speech.wav", 0.72))  # 15 frames from 5
+    mel = audio_mod.melspectrogram(wav)
+    starts = audio_mod.chunk_starts(mel.shape[1], 25.0)
+    source = VideoSource(clip)
+    ticks = [pts for pts, _ in source.clock()]
+    track = fixed_track(BOX, len(ticks), 524, 524)
+    expected_orders = {
+        "pingpong": [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4, 3, 2],
+        "loop": [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4],
+    }
+    for length, expected in expected_orders.items():
+        order = list(source_order(len(starts), len(ticks), length, False))
+        assert order == expected[: len(starts)]
+        opts = SyncOptions(box=BOX, blend="box", length=length, progress=False, batch_size=4)
+        out = list(render(source, ticks, track, mel, starts, order, generator, opts, Timer()))
+        for got, j in zip(out, order):
+            outside = got.copy()
+            outside[BOX[0] : BOX[1], BOX[2] : BOX[3]] = 0
+            want = frames[j].copy()
+            want[BOX[0] : BOX[1], BOX[2] : BOX[3]] = 0
+            assert np.array_equal(outside, want)
+    assert list(source_order(7, 5, "pingpong", static=True)) == [0] * 7
+
+
+def test_vfr_video_output_length_follows_audio(tmp_path, media, wav2lip_checkpoint):
+    speech = short_speech(tmp_path / "speech.wav", 2.0)
+    out = tmp_path / "v1.mp4"
+    result = sync(MEDIA / "v1_man_frontal_vfr_700x700.mp4", speech, out, checkpoint=str(wav2lip_checkpoint),
+                  box=(150, 550, 150, 550), progress=False)
+    assert (result.width, result.height) == (700, 700)
+    assert result.fps == 30  # v1's nominal rate; its frames arrive at irregular times
+    assert result.n_frames == len(decode(out))
+    # As the original: one frame per 16-window mel chunk, so the video ends within the last
+    # window (0.2 s) of the audio; the audio is kept whole.
+    n_mel = 2 * 16000 // 200 + 1
+    assert result.n_frames == len(audio_mod.chunk_starts(n_mel, 30.0))
+    durations = stream_durations(out)
+    assert abs(durations["audio"] - 2.0) < 0.05
+    assert 0 <= durations["audio"] - durations["video"] < 0.2
+
+
+def test_still_image_with_fps(tmp_path, media, wav2lip_checkpoint):
+    speech = short_speech(tmp_path / "speech.wav", 1.0)
+    out = tmp_path / "p2.mp4"
+    result = sync(MEDIA / "p2_woman_frontal_closed_mouth_474.png", speech, out,
+                  checkpoint=str(wav2lip_checkpoint), fps=30, progress=False)
+    frames = decode(out)
+    assert result.fps == 30 and len(frames) == result.n_frames == len(audio_mod.chunk_starts(81, 30.0))
+    assert frames[0].shape == (474, 474, 3)
+    assert result.frames_with_face == result.n_frames
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].average_rate == 30
+        assert c.streams.video[0].codec_context.name == "h264"
+        assert c.streams.audio[0].codec_context.name == "aac"
+
+
+def test_no_face_anywhere_is_an_error_and_writes_nothing(tmp_path, wav2lip_checkpoint):
+    speech = short_speech(tmp_path / "speech.wav", 0.5)
+    blank = tmp_path / "wall.png"
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(blank), cv2.GaussianBlur(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), (9, 9), 3))
+    out = tmp_path / "out.mp4"
+    with pytest.raises(LipdubError, match="no face"):
+        sync(blank, speech, out, checkpoint=str(wav2lip_checkpoint), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav", "wall.png"]
+
+
+@pytest.mark.slow
+def test_full_v3_default_options(tmp_path, media, wav2lip_checkpoint):
+    out = tmp_path / "v3.mp4"
+    result = sync(V3, MEDIA / "a1_en_radio_16k_stereo.wav", out, checkpoint=str(wav2lip_checkpoint), progress=False)
+    frames = decode(out)
+    assert len(frames) == result.n_frames == result.frames_with_face
+    durations = stream_durations(out)
+    assert 0 <= durations["audio"] - durations["video"] < 0.2

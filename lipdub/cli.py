@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_weights(sub)
     for name in EXTENSIONS:
-        importlib.import_module(name).add_cli(sub)
+        module = importlib.import_module(name)
+        if hasattr(module, "add_cli"):
+            module.add_cli(sub)
     return parser
 
 

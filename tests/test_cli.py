@@ -161,3 +161,25 @@ def test_success_prints_json_and_report(capsys, tmp_path, workdir, speech, wav2l
     assert data["coverage"] == 1.0 and data["frames_without_face"] == 0
     assert set(data["timings"]) >= {"detect", "generate", "encode", "total"}
     assert sorted(p.name for p in workdir.iterdir()) == ["o.mp4", "report.json"]
+
+
+def test_report_includes_sync_metrics_when_syncnet_is_cached(capsys, tmp_path, monkeypatch, speech,
+                                                            wav2lip_checkpoint, rule_b, media):
+    import torch
+
+    from lipdub import weights
+    from tests.conftest import SPECS
+
+    monkeypatch.setenv("LIPDUB_HOME", str(tmp_path / "home"))
+    cached = weights.cache_path("syncnet_v2")
+    cached.parent.mkdir(parents=True)
+    schema = json.loads((SPECS / "syncnet_v2_state_dict.json").read_text())
+    torch.save(rule_b.fill_state_dict(schema), cached)
+    report = tmp_path / "report.json"
+    code, _, err = run_cli(capsys, "--face", P2, "--audio", speech, "-o", tmp_path / "o.mp4",
+                           "--checkpoint", wav2lip_checkpoint, "--report", report)
+    assert code == 0, err
+    sync = json.loads(report.read_text())["sync"]
+    assert len(sync["mean_dists"]) == 31
+    assert sync["lse_d"] == pytest.approx(min(sync["mean_dists"]))
+    assert sync["n_frames"] > 0 and sync["frames_without_face"] == 0

@@ -1,0 +1,592 @@
+"""The FastAPI application of `lipdub serve`: the HTTP API, the web page, and server start-up.
+
+Requests never carry a file path or a checkpoint: uploads are stored under names the server
+makes (``jobs/<random id>/face.<sniffed ext>``), results are served only from there, and the
+model is the one given to ``lipdub serve --checkpoint``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hmac
+import logging
+import os
+import re
+import shutil
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+from urllib.parse import parse_qs
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..errors import LipdubError
+from . import sniff
+from .store import FINISHED, JobStore, QueueFull, new_id, valid_id
+from .worker import WorkerPool
+
+log = logging.getLogger("lipdub.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+MIB = 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # form fields and multipart framing on top of the two files
+
+
+@dataclass
+class ServeConfig:
+    data: Path
+    checkpoint: str = "wav2lip_gan"  # what the user gave (registry name or path)
+    checkpoint_path: str | None = None  # resolved file, set at start-up
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    device: str = "auto"
+    threads: int = 0  # torch threads per worker (0 = CPU cores / workers)
+    max_upload_mb: float = 200.0
+    max_queued: int = 20
+    max_attempts: int = 2
+    token: str | None = None
+    skip_sha256: bool = False
+    cancel_grace_s: float = 10.0
+    nice: int = 5
+    access_log: bool = False
+    log_level: str = "info"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MIB)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+class JobResult(BaseModel):
+    n_frames: int
+    fps: float
+    width: int
+    height: int
+    frames_with_face: int
+    timings: dict[str, float] = {}
+    seconds: Optional[float] = None
+
+
+class Job(BaseModel):
+    id: str = Field(description="random, unguessable job id")
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: float = Field(ge=0.0, le=1.0, description="0..1")
+    stage: str = Field(description="queued, starting, scan (face detection), render (lip-sync), cancelling, "
+                                   "done, failed or cancelled")
+    error: Optional[str] = Field(None, description="why the job failed, in the words of `lipdub run`")
+    face_name: str
+    audio_name: str
+    options: dict[str, Any]
+    created_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    updated_at: float
+    attempts: int
+    cancel_requested: bool = False
+    queue_position: Optional[int] = Field(None, description="jobs ahead of this one (queued jobs only)")
+    result: Optional[JobResult] = None
+    result_url: Optional[str] = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    counts: dict[str, int]
+
+
+class Info(BaseModel):
+    version: str
+    checkpoint: str
+    workers: int
+    workers_alive: int
+    max_upload_mb: float
+    max_queued: int
+    restore_available: bool
+    progress_available: bool
+    counts: dict[str, int]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS = {401: {"model": ErrorBody, "description": "missing or wrong bearer token"}}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def sync_option_fields() -> set[str]:
+    from ..pipeline import SyncOptions
+
+    return {f.name for f in dataclasses.fields(SyncOptions)}
+
+
+def display_name(name: str | None, fallback: str) -> str:
+    """The client's file name, for display only: last path part, printable, at most 100 chars."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if unicodedata.category(c)[0] != "C").strip()
+    return base[:100] or fallback
+
+
+def _ints(text: str, n: int, what: str) -> tuple[int, ...]:
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise HTTPException(422, f"{what} must be {n} integers (TOP BOTTOM LEFT RIGHT), got '{text[:60]}'")
+    if any(abs(v) > 100000 for v in values):
+        raise HTTPException(422, f"{what} values must be between -100000 and 100000")
+    return values
+
+
+def public_job(job: dict) -> dict:
+    job = {k: v for k, v in job.items() if k not in ("face_file", "audio_file")}
+    job["result_url"] = f"/api/jobs/{job['id']}/result" if job["status"] == "done" else None
+    return job
+
+
+def _json_error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------ guard
+
+
+class _TooLarge(Exception):
+    pass
+
+
+CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
+       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+class Guard:
+    """ASGI middleware, before anything reads a request body: bearer token on /api/*, the
+    upload size limit (Content-Length first, then counted as the body arrives), the queue
+    limit (429 before an upload is read), and security headers on every response."""
+
+    def __init__(self, app, config: ServeConfig, store: JobStore) -> None:
+        self.app, self.config, self.store = app, config, store
+
+    def _authorized(self, scope) -> bool:
+        token = self.config.token
+        if not token:
+            return True
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                scheme, _, given = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+                    return True
+        if scope["method"] in ("GET", "HEAD"):  # <video src> and download links cannot send headers
+            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+            if given and hmac.compare_digest(given.encode(), token.encode()):
+                return True
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+        if not path.startswith(("/docs", "/redoc")):
+            extra += [(b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY")]
+
+        async def send_headers(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=list(message.get("headers", [])) + extra)
+            await send(message)
+
+        if path == "/api" or path.startswith("/api/"):
+            if not self._authorized(scope):
+                return await _json_error(401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
+                                         {"WWW-Authenticate": "Bearer"})(scope, receive, send_headers)
+            if scope["method"] == "POST" and path.rstrip("/") == "/api/jobs":
+                return await self._upload(scope, receive, send_headers)
+        return await self.app(scope, receive, send_headers)
+
+    async def _upload(self, scope, receive, send):
+        limit = self.config.max_upload_bytes + MULTIPART_SLACK
+        too_large = f"upload too large: the limit is {self.config.max_upload_mb:g} MB (face and audio together)"
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                return await _json_error(413, too_large, {"Connection": "close"})(scope, receive, send)
+        queued = await run_in_threadpool(self.store.queued_count)
+        if self.config.max_queued and queued >= self.config.max_queued:
+            return await _json_error(429, f"the queue is full ({queued} jobs waiting); try again later",
+                                     {"Retry-After": "10", "Connection": "close"})(scope, receive, send)
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if exceeded:  # whatever the app made of the interrupted body, the answer is 413
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _json_error(413, too_large, {"Connection": "close"})(scope, receive, send)
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _TooLarge:
+            if not started:
+                await _json_error(413, too_large, {"Connection": "close"})(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------ app
+
+
+FORM_FIELDS = {"face", "audio", "blend", "restore", "restore_region", "restore_weight", "upscale", "pads",
+               "face_index", "smooth", "detector", "box", "fps", "length", "static", "resize_factor", "crop",
+               "rotate", "det_stride"}
+
+
+def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | None = None) -> FastAPI:
+    fields = sync_option_fields()
+    restore_available = "restore" in fields
+    progress_available = "progress_callback" in fields
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if pool is not None:
+            pool.start()
+        log.info("lipdub serve: http://%s:%d (data %s, checkpoint %s, %d worker%s)", config.host, config.port,
+                 store.data, config.checkpoint, config.workers, "" if config.workers == 1 else "s")
+        try:
+            yield
+        finally:
+            if pool is not None:
+                await run_in_threadpool(pool.stop)
+
+    app = FastAPI(
+        title="lipdub",
+        version=__version__,
+        description=(
+            "Wav2Lip lip-sync as a service. Upload a face (video or still image) and an audio track to "
+            "`POST /api/jobs`, follow `GET /api/jobs/{id}` until `status` is `done`, then fetch "
+            "`GET /api/jobs/{id}/result` (an H.264/AAC mp4; HTTP range requests are supported). "
+            "When the server was started with `--token`, every `/api/` call needs `Authorization: Bearer TOKEN` "
+            "(GET requests may pass `?token=TOKEN` instead, for `<video>` elements and download links)."),
+        lifespan=lifespan,
+    )
+    bearer = HTTPBearer(auto_error=False, description="the server's --token / LIPDUB_TOKEN, when set")
+
+    def auth(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        """Documents the bearer scheme in OpenAPI; the check itself happens in `Guard`, before bodies are read."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path"))
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
+        return _json_error(422, "; ".join(parts) or "invalid request")
+
+    # ---------------------------------------------------------------- pages
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"ok": True, "token_required": bool(config.token)}
+
+    # ---------------------------------------------------------------- API
+
+    def _get(job_id: str) -> dict:
+        job = store.get(job_id) if valid_id(job_id) else None
+        if job is None:
+            raise HTTPException(404, f"no job '{job_id[:40]}'")
+        return job
+
+    @app.get("/api/info", response_model=Info, responses=ERRORS, dependencies=[Depends(auth)], tags=["server"])
+    def info() -> dict:
+        """What this server offers: limits, worker count, whether restoration is available."""
+        return {"version": __version__, "checkpoint": Path(config.checkpoint).name, "workers": config.workers,
+                "workers_alive": pool.alive() if pool is not None else 0, "max_upload_mb": config.max_upload_mb,
+                "max_queued": config.max_queued, "restore_available": restore_available,
+                "progress_available": progress_available, "counts": store.counts()}
+
+    @app.post(
+        "/api/jobs", status_code=202, response_model=Job, dependencies=[Depends(auth)], tags=["jobs"],
+        responses={**ERRORS, 413: {"model": ErrorBody, "description": "upload larger than --max-upload-mb"},
+                   415: {"model": ErrorBody, "description": "a file is not media lipdub can read"},
+                   422: {"model": ErrorBody, "description": "invalid option"},
+                   429: {"model": ErrorBody, "description": "the queue is full (--max-queued); retry later"}},
+    )
+    async def create_job(
+        request: Request,
+        face: UploadFile = File(..., description="video or still image (png, jpg, webp, bmp) with the face"),
+        audio: UploadFile = File(..., description="audio, or a video whose first audio stream drives the lips"),
+        blend: Literal["feather", "box"] = Form("feather", description="feather: soft lower-face blend; box: "
+                                                                       "the original hard paste"),
+        restore: Optional[Literal["gfpgan", "none"]] = Form(None, description="restore the face with GFPGAN"),
+        restore_region: Literal["mouth", "face"] = Form("mouth", description="what restoration may change"),
+        restore_weight: float = Form(1.0, description="0..1 blend of restored and lip-synced face"),
+        upscale: int = Form(1, description="output size factor 1, 2 or 4 (with restore)"),
+        pads: str = Form("0 10 0 0", description="padding added to detected boxes: TOP BOTTOM LEFT RIGHT"),
+        face_index: Optional[int] = Form(None, description="drive the N-th face from the left (0-based)"),
+        smooth: bool = Form(True, description="smooth face boxes over time"),
+        detector: Literal["centerface", "s3fd"] = Form("centerface", description="face detector"),
+        box: Optional[str] = Form(None, description="fixed face box TOP BOTTOM LEFT RIGHT; skips detection"),
+        fps: float = Form(25.0, description="frame rate for a still image"),
+        length: Literal["pingpong", "loop"] = Form("pingpong", description="when the audio outlasts the video"),
+        static: bool = Form(False, description="use only the first frame of a video"),
+        resize_factor: int = Form(1, ge=1, le=16, description="downscale the input by this factor first"),
+        crop: str = Form("0 -1 0 -1", description="crop the input first: TOP BOTTOM LEFT RIGHT (-1 = edge)"),
+        rotate: bool = Form(False, description="rotate the input 90 degrees clockwise first"),
+        det_stride: int = Form(0, ge=0, le=1000, description="detect every N-th frame (0 = about 6 per second)"),
+    ) -> JSONResponse:
+        """Upload a face and an audio file and queue a lip-sync job (multipart/form-data).
+
+        Returns the job (202) with its `id`; follow it with `GET /api/jobs/{id}`."""
+        form = await request.form()
+        unknown = sorted(set(form.keys()) - FORM_FIELDS)
+        if unknown:
+            hint = " (the model is fixed by the server's --checkpoint)" if "checkpoint" in unknown else ""
+            raise HTTPException(422, f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}")
+        options: dict[str, Any] = {
+            "blend": blend, "pads": list(_ints(pads, 4, "pads")), "face_index": face_index, "smooth": smooth,
+            "detector": detector, "box": list(_ints(box, 4, "box")) if box else None, "fps": fps, "length": length,
+            "static": static, "resize_factor": resize_factor, "crop": list(_ints(crop, 4, "crop")),
+            "rotate": rotate, "det_stride": det_stride,
+        }
+        if restore == "gfpgan":
+            if not restore_available:
+                raise HTTPException(422, "face restoration (restore=gfpgan) is not available in this lipdub version")
+            options.update(restore="gfpgan", restore_region=restore_region, restore_weight=restore_weight,
+                           upscale=upscale)
+        options = {k: v for k, v in options.items() if k in fields}
+        try:
+            from ..pipeline import SyncOptions
+
+            SyncOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}).validate()
+        except LipdubError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return await run_in_threadpool(_accept, face, audio, options)
+
+    def _accept(face: UploadFile, audio: UploadFile, options: dict) -> JSONResponse:
+        uploads = []
+        for role, upload in (("face", face), ("audio", audio)):
+            name = display_name(upload.filename, role)
+            upload.file.seek(0)
+            head = upload.file.read(sniff.HEAD_BYTES)
+            upload.file.seek(0)
+            try:
+                kind = sniff.check(role, head, name)
+            except ValueError as exc:
+                raise HTTPException(415, str(exc)) from None
+            uploads.append((role, upload, name, kind))
+        queued = store.queued_count()
+        if config.max_queued and queued >= config.max_queued:
+            raise HTTPException(429, f"the queue is full ({queued} jobs waiting); try again later",
+                                headers={"Retry-After": "10"})
+        job_id = new_id()
+        staging = store.uploads_dir / job_id
+        staging.mkdir()
+        try:
+            files = {}
+            for role, upload, name, kind in uploads:
+                target = staging / f"{role}{kind.ext}"
+                with open(target, "xb") as out:
+                    shutil.copyfileobj(upload.file, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                files[role] = (name, target.name)
+            final = store.job_dir(job_id)
+            os.rename(staging, final)
+            _fsync_dir(store.jobs_dir)
+            try:
+                store.add(job_id, options, files["face"][0], files["audio"][0], files["face"][1], files["audio"][1],
+                          config.max_queued)
+            except QueueFull as exc:
+                shutil.rmtree(final, ignore_errors=True)
+                raise HTTPException(429, f"the queue is full ({exc.args[0]} jobs waiting); try again later",
+                                    headers={"Retry-After": "10"}) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        job = public_job(store.get(job_id))
+        log.info("job %s: queued (%s + %s)", job_id, job["face_name"], job["audio_name"])
+        return JSONResponse(job, status_code=202,
+                            headers={"Location": f"/api/jobs/{job_id}"})
+
+    @app.get("/api/jobs", response_model=JobList, responses=ERRORS, dependencies=[Depends(auth)], tags=["jobs"])
+    def list_jobs(
+        status: Optional[Literal["queued", "running", "done", "failed", "cancelled"]] = Query(None),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict:
+        """The newest jobs first, with the number of jobs in each status."""
+        return {"jobs": [public_job(j) for j in store.list(limit=limit, status=status)], "counts": store.counts()}
+
+    @app.get("/api/jobs/{job_id}", response_model=Job, dependencies=[Depends(auth)], tags=["jobs"],
+             responses={**ERRORS, 404: {"model": ErrorBody}})
+    def get_job(job_id: str) -> dict:
+        """A job's status, progress (0..1), stage and error."""
+        return public_job(_get(job_id))
+
+    @app.get("/api/jobs/{job_id}/result", dependencies=[Depends(auth)], tags=["jobs"],
+             response_class=FileResponse,
+             responses={**ERRORS, 200: {"content": {"video/mp4": {}}, "description": "the mp4"},
+                        206: {"description": "part of the mp4 (Range request)"},
+                        404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "not done yet"}})
+    def get_result(job_id: str, download: bool = Query(False, description="send as an attachment")) -> Response:
+        """The result video of a done job; supports HTTP range requests (seeking)."""
+        job = _get(job_id)
+        if job["status"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['status']}: no result"
+                                     + (f" ({job['error']})" if job["error"] else ""))
+        path = store.result_path(job_id).resolve()
+        if not path.is_relative_to(store.jobs_dir) or not path.is_file():
+            raise HTTPException(404, f"the result of job {job_id} is missing")
+        stem = Path(job["face_name"]).stem[:60] or "result"
+        filename = f"{stem}-lipdub.mp4"
+        return FileResponse(path, media_type="video/mp4", filename=filename if download else None,
+                            content_disposition_type="attachment" if download else "inline",
+                            headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/api/jobs/{job_id}/cancel", response_model=Job, dependencies=[Depends(auth)], tags=["jobs"],
+              responses={**ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "finished"}})
+    def cancel_job(job_id: str) -> dict:
+        """Cancel a job: a queued one at once, a running one within a few seconds (status stays `running`
+        with `cancel_requested` until the worker stops)."""
+        _get(job_id)
+        status = store.cancel(job_id)
+        if status is None:
+            raise HTTPException(404, f"no job '{job_id}'")
+        if status in FINISHED and status != "cancelled":
+            raise HTTPException(409, f"job {job_id} is already {status}")
+        return public_job(_get(job_id))
+
+    @app.delete("/api/jobs/{job_id}", status_code=204, dependencies=[Depends(auth)], tags=["jobs"],
+                responses={**ERRORS, 404: {"model": ErrorBody},
+                           409: {"model": ErrorBody, "description": "running: cancel it first"}})
+    def delete_job(job_id: str) -> Response:
+        """Delete a job that is not running, with its uploads and result."""
+        _get(job_id)
+        status = store.delete(job_id)
+        if status is None:
+            raise HTTPException(404, f"no job '{job_id}'")
+        if status == "running":
+            raise HTTPException(409, f"job {job_id} is running: cancel it first")
+        return Response(status_code=204)
+
+    app.add_middleware(Guard, config=config, store=store)
+    return app
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ start-up
+
+
+def lock_data_dir(data: Path):
+    """Hold an exclusive lock on the data folder for the life of the process."""
+    handle = open(data / "serve.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise LipdubError(f"another `lipdub serve` is already using {data}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare(config: ServeConfig) -> tuple[JobStore, Any]:
+    """Everything that can fail with a clear message before the server listens."""
+    from .. import weights
+    from ..pipeline import pick_device
+
+    if config.workers < 1:
+        raise LipdubError("--workers must be at least 1")
+    if config.max_upload_mb <= 0:
+        raise LipdubError("--max-upload-mb must be more than 0")
+    if config.max_queued < 0 or config.max_attempts < 1:
+        raise LipdubError("--max-queued must be 0 or more and --max-attempts at least 1")
+    data = Path(config.data).expanduser()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LipdubError(f"cannot create the data folder {data}: {exc.strerror}") from None
+    if not os.access(data, os.W_OK):
+        raise LipdubError(f"the data folder {data} is not writable")
+    config.data = data.resolve()
+    store = JobStore(config.data)
+    lock = lock_data_dir(config.data)
+    store.init()
+    pick_device(config.device)
+    path = weights.resolve(config.checkpoint, skip_sha256=config.skip_sha256)
+    weights.load_state_dict(path, "wav2lip")  # a wrong file fails now, not in every job
+    config.checkpoint_path = str(Path(path).resolve())
+    stats = store.recover(config.max_attempts)
+    if stats["requeued"] or stats["failed"] or stats["cancelled"]:
+        log.info("recovered after restart: %d job(s) back in the queue, %d failed, %d cancelled",
+                 stats["requeued"], stats["failed"], stats["cancelled"])
+    return store, lock
+
+
+def worker_config(config: ServeConfig) -> dict:
+    threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
+    return {"checkpoint": config.checkpoint_path, "device": config.device, "skip_sha256": config.skip_sha256,
+            "threads": threads, "nice": config.nice}
+
+
+def run_server(config: ServeConfig) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(message)s")
+    store, lock = prepare(config)
+    pool = WorkerPool(store, worker_config(config), config.workers, cancel_grace_s=config.cancel_grace_s)
+    app = create_app(config, store, pool)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.access_log,
+        timeout_graceful_shutdown=5, proxy_headers=False, server_header=False))
+    try:
+        server.run()
+    finally:
+        lock.close()
+    return 0 if server.started else 1

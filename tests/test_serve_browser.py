@@ -1,0 +1,165 @@
+"""`lipdub serve` web page in headless Chromium (Debian's chromium, driven by Playwright).
+
+Drops ../shared/media p2 (a still photo) and the first 2 s of a1 on the page, submits with
+the default detector, waits for the job to finish, and checks that the <video> element plays
+and seeks the result, that the job list shows it, and that the console stayed clean.
+
+No browser is downloaded: Playwright drives the system Chromium (`/usr/bin/chromium`, or
+`$LIPDUB_CHROMIUM`); `.ci/run` installs it with `apt-get install chromium`.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .test_serve import A1, P2, ServeProcess, trim_audio
+
+CHROMIUM = os.environ.get("LIPDUB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the driver only; the "
+                                                            "browser is Debian's chromium)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set LIPDUB_CHROMIUM)",
+                allow_module_level=True)
+
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"]
+
+DROP_FILE = """([selector, name, b64, type]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, { type }));
+  const zone = document.querySelector(selector);
+  for (const kind of ["dragenter", "dragover", "drop"]) {
+    zone.dispatchEvent(new DragEvent(kind, { dataTransfer: data, bubbles: true, cancelable: true }));
+  }
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, wav2lip_checkpoint):
+    s = ServeProcess(tmp_path_factory.mktemp("serve-browser") / "data", wav2lip_checkpoint, "--workers", "1")
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+def test_upload_by_drag_and_drop_then_play_the_result(server, browser, media, tmp_path):
+    audio = trim_audio(media / A1, tmp_path / "a1-2s.wav", 2.0)
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    result_statuses: list[int] = []
+    page.on("response", lambda r: result_statuses.append(r.status) if "/result" in r.url else None)
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_selector("#server-info:not(:empty)")
+        assert page.locator("#jobs-empty").is_visible()
+
+        for selector, path, ctype in (("#face-drop", media / P2, "image/png"), ("#audio-drop", audio, "audio/wav")):
+            page.evaluate(DROP_FILE, [selector, path.name, base64.b64encode(path.read_bytes()).decode(), ctype])
+        assert page.locator("#face-file").inner_text().startswith(P2)
+        assert page.locator("#audio-file").inner_text().startswith("a1-2s.wav")
+        page.select_option("#opt-blend", "feather")
+        page.fill("#pad-bottom", "12")
+        page.click("#submit")
+
+        page.wait_for_selector("#job:not([hidden])")
+        job_id = page.locator("#job-id").inner_text()
+        assert len(job_id) == 22
+        page.wait_for_function("() => ['done', 'failed', 'cancelled'].includes("
+                               "document.getElementById('job-status').textContent)", timeout=120_000)
+        status = page.locator("#job-status").inner_text().lower()
+        assert status == "done", (page.locator("#job-error").inner_text(), server.log())
+        assert page.locator("#job-percent").inner_text() == "100%"
+        assert server.job(job_id)["options"]["pads"] == [0, 12, 0, 0]
+
+        video = page.locator("#job-video")
+        assert video.is_visible()
+        page.wait_for_function("() => { const v = document.getElementById('job-video');"
+                               " return v.readyState >= 2 && v.duration > 0; }", timeout=30_000)
+        info = page.evaluate("""async () => {
+            const v = document.getElementById('job-video');
+            v.muted = true;
+            await v.play();
+            await new Promise((resolve) => {
+              const tick = () => (v.currentTime > 0.5 ? resolve() : setTimeout(tick, 50));
+              tick();
+            });
+            v.pause();
+            const seeked = new Promise((resolve) => v.addEventListener('seeked', resolve, { once: true }));
+            v.currentTime = 1.5;
+            await seeked;
+            return { width: v.videoWidth, height: v.videoHeight, duration: v.duration, time: v.currentTime,
+                     error: v.error && v.error.code };
+        }""")
+        assert info["error"] is None and (info["width"], info["height"]) == (474, 474), info
+        assert 1.8 <= info["duration"] <= 2.2 and abs(info["time"] - 1.5) < 0.1, info
+        assert result_statuses and all(s in (200, 206) for s in result_statuses), result_statuses
+
+        download = page.locator("#job-download")
+        assert download.is_visible() and download.get_attribute("href").endswith("/result?download=1")
+        row = page.locator(f"#jobs tr[data-id='{job_id}']")
+        row.wait_for()
+        assert row.get_attribute("data-status") == "done" and P2 in row.inner_text()
+        page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
+        assert not problems, problems
+    finally:
+        page.close()
+
+
+def test_page_reports_a_refused_upload(server, browser, media):
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_selector("#server-info:not(:empty)")
+        page.click("#submit")
+        assert page.locator("#form-error").inner_text() == "Choose a face video or image first."
+        page.set_input_files("#face-input", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                                     "buffer": b"not a video\n" * 10}])
+        page.set_input_files("#audio-input", str(media / A1))
+        page.click("#submit")
+        page.wait_for_function("() => document.getElementById('form-error').textContent !== ''")
+        assert page.locator("#form-error").inner_text() == \
+            "face: 'notes.txt' is not a video or an image lipdub can read (unrecognised content)"
+    finally:
+        page.close()
+
+
+def test_page_asks_for_the_token(tmp_path, wav2lip_checkpoint, browser):
+    token = "browser-" + os.urandom(8).hex()
+    server = ServeProcess(tmp_path / "data", wav2lip_checkpoint, token=token).start()
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_selector("#token-bar:not([hidden])")
+        assert not problems, problems  # asked for the token without a failing request
+        page.fill("#token-input", "wrong")
+        page.click("#token-form button")
+        page.wait_for_function("() => document.getElementById('token-error').textContent !== ''")
+        page.fill("#token-input", token)
+        page.click("#token-form button")
+        page.wait_for_selector("#token-bar[hidden]", state="attached")
+        page.wait_for_selector("#server-info:not(:empty)")
+        page.wait_for_selector("#jobs-empty:not([hidden])")
+        assert page.evaluate("localStorage.getItem('lipdub-token')") == token
+    finally:
+        page.close()
+        server.stop()

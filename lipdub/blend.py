@@ -32,9 +32,13 @@ def lower_face_mask(width: int, height: int) -> np.ndarray:
     the bottom); the Gaussian edge is a fixed fraction of the box so the look is scale-free.
     """
     mask = np.zeros((height, width), dtype=np.float32)
-    center = (int(round(width * 0.5)), int(round(height * 0.72)))
-    axes = (max(1, int(round(width * 0.34))), max(1, int(round(height * 0.24))))
-    cv2.ellipse(mask, center, axes, 0, 0, 360, 1.0, thickness=-1)
+    # Centred on the box's middle column, (width - 1) / 2, in 1/16 pixel fixed point: a whole-pixel
+    # centre (round(width / 2)) sat half a pixel to the right for even widths and a full pixel
+    # for odd ones, so the mask was lopsided on small boxes.
+    frac = 4
+    center = (int(round((width - 1) * 0.5 * (1 << frac))), int(round(height * 0.72)) << frac)
+    axes = (max(1, int(round(width * 0.34))) << frac, max(1, int(round(height * 0.24))) << frac)
+    cv2.ellipse(mask, center, axes, 0, 0, 360, 1.0, thickness=-1, lineType=cv2.LINE_8, shift=frac)
     sigma = max(1.0, 0.06 * width)
     mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma, sigmaY=sigma)
     ramp_x = np.clip(np.minimum(np.arange(width), width - 1 - np.arange(width)) / (0.06 * width + 1), 0, 1)

@@ -26,7 +26,11 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 AAC_RATES = {96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000}
 
 # Silence PyAV/FFmpeg's own logging; errors reach the user through LipdubError instead.
-av.logging.set_level(av.logging.PANIC)
+# `None` installs PyAV's no-op callback. Any numeric level installs a callback that takes the
+# GIL for every AV_LOG_ERROR message whatever the level, and a decoder thread logging while
+# the main thread holds the GIL closing that decoder (a generator abandoned mid-stream, as on
+# every seek in `frames_at`) deadlocks the process (PyAV issues #751, #1133).
+av.logging.set_level(None)
 
 
 def check_readable(path: str | os.PathLike) -> Path:
@@ -60,20 +64,28 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     """The first audio stream as mono float32 at `sample_rate`, channels averaged.
 
     Audio is small next to video (a minute at 16 kHz is 4 MB), so it is decoded whole.
+    The channels are averaged here (as librosa's `to_mono` in the original), not by FFmpeg's
+    downmix, which sums stereo at 1/sqrt(2) each and so comes out 3 dB louder than the mean.
     """
     path = check_readable(path)
     with _open(path) as container:
         if not container.streams.audio:
             raise LipdubError(f"{path} has no audio stream")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        # Planar float, input channel layout kept: only the rate is converted.
+        resampler = av.AudioResampler(format="fltp", rate=sample_rate)
         parts: list[np.ndarray] = []
+
+        def mono(out: av.AudioFrame) -> np.ndarray:
+            planes = out.to_ndarray()  # (channels, samples)
+            return planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
+
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    parts.append(out.to_ndarray().reshape(-1))
+                    parts.append(mono(out))
             for out in resampler.resample(None):
-                parts.append(out.to_ndarray().reshape(-1))
+                parts.append(mono(out))
         except av.FFmpegError as exc:
             raise LipdubError(f"cannot decode the audio of {path}: {exc}") from None
     if not parts:
@@ -166,7 +178,13 @@ class VideoSource:
             frame = transform(_apply_rotation(first.to_ndarray(format="bgr24"), first.rotation))
             rate = _output_fps(stream)
             duration = float(container.duration / 1e6) if container.duration else 0.0
-            estimate = stream.frames or int(round(duration * float(rate))) or 1
+            # Ticks on the output clock: the stream's own duration times the clock rate. The
+            # stored frame count is only right for constant-rate input (v1: 135 frames, 183 ticks).
+            if stream.duration and stream.time_base:
+                estimate = int(round(float(stream.duration * stream.time_base) * float(rate)))
+            else:
+                estimate = stream.frames or int(round(duration * float(rate)))
+            estimate = max(1, estimate)
             self.info = VideoInfo(frame.shape[1], frame.shape[0], rate, False, estimate, first.rotation)
 
     # Raw decode: (pts, time, frame) in presentation order.
@@ -336,29 +354,47 @@ class VideoWriter:
     def __post_init__(self) -> None:
         self.path = check_writable(self.path)
         self.temp = self.path.with_name(f".{self.path.stem}.partial{os.getpid()}.mp4")
+        # The encoder's time base must be exact: a float rate (25.0, 29.97) becomes a fraction.
+        self.fps = Fraction(self.fps).limit_denominator(1001)
 
     def __enter__(self) -> "VideoWriter":
+        self._audio_packets: Iterator | None = None
+        self._audio_source = None
         try:
             self._container = av.open(str(self.temp), "w", format="mp4")
         except (av.FFmpegError, OSError) as exc:
             raise LipdubError(f"cannot write {self.path}: {exc}") from None
-        self._video = self._container.add_stream("libx264", rate=self.fps)
-        self._video.width = self.width + self.width % 2
-        self._video.height = self.height + self.height % 2
-        self._video.pix_fmt = "yuv420p"
-        self._video.options = {"crf": str(self.crf), "preset": self.preset}
-        self._video.codec_context.time_base = Fraction(1, 1) / self.fps
-        self._audio_packets: Iterator | None = None
-        self._audio_source = None
-        if self.audio_path is not None:
-            self._audio_source = _open(Path(self.audio_path))
-            in_stream = self._audio_source.streams.audio[0]
-            rate = in_stream.rate if in_stream.rate in AAC_RATES else 48000
-            layout = "mono" if in_stream.channels == 1 else "stereo"
-            self._audio_stream = self._container.add_stream("aac", rate=rate, layout=layout)
-            self._audio_packets = self._audio_from(self._audio_source, in_stream, rate, layout)
-            self._next_audio = next(self._audio_packets, None)
+        try:
+            self._video = self._container.add_stream("libx264", rate=self.fps)
+            self._video.width = self.width + self.width % 2
+            self._video.height = self.height + self.height % 2
+            self._video.pix_fmt = "yuv420p"
+            self._video.options = {"crf": str(self.crf), "preset": self.preset}
+            self._video.codec_context.time_base = Fraction(1, 1) / self.fps
+            if self.audio_path is not None:
+                self._audio_source = _open(Path(self.audio_path))
+                if not self._audio_source.streams.audio:
+                    raise LipdubError(f"{self.audio_path} has no audio stream")
+                in_stream = self._audio_source.streams.audio[0]
+                rate = in_stream.rate if in_stream.rate in AAC_RATES else 48000
+                layout = "mono" if in_stream.channels == 1 else "stereo"
+                self._audio_stream = self._container.add_stream("aac", rate=rate, layout=layout)
+                self._audio_packets = self._audio_from(self._audio_source, in_stream, rate, layout)
+                self._next_audio = next(self._audio_packets, None)
+        except BaseException:
+            # __exit__ is not called when __enter__ fails: release everything and leave no file.
+            self._discard()
+            raise
         return self
+
+    def _discard(self) -> None:
+        for closable in (self._container, self._audio_source):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:
+                    pass
+        self.temp.unlink(missing_ok=True)
 
     def _audio_from(self, source, in_stream, rate, layout) -> Iterator[tuple[float, av.Packet]]:
         """Yield (time, packet); timestamps are counted from the first sample so audio starts at 0."""
@@ -374,9 +410,12 @@ class VideoWriter:
                 yield from stream.encode(out)
 
         def packets():
-            for frame in source.decode(in_stream):
-                frame.pts = None
-                yield from encode(resampler.resample(frame))
+            try:
+                for frame in source.decode(in_stream):
+                    frame.pts = None
+                    yield from encode(resampler.resample(frame))
+            except av.FFmpegError as exc:
+                raise LipdubError(f"cannot decode the audio of {self.audio_path}: {exc}") from None
             yield from encode(resampler.resample(None))
             yield from stream.encode(None)
 
@@ -409,7 +448,7 @@ class VideoWriter:
             if self._audio_source is not None:
                 self._audio_source.close()
         except BaseException:
-            self.temp.unlink(missing_ok=True)
+            self._discard()
             raise
         if exc_type is None:
             os.replace(self.temp, self.path)

@@ -60,8 +60,39 @@ def is_image(path: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------------------------------- audio
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+def video_start_in_audio(path: str | os.PathLike) -> float:
+    """Seconds from the first audio sample to the first video frame of one file (0 without both).
+
+    Containers often start the streams at different times (v5: audio 0.85 s before the
+    picture). When a file's own audio drives the output, cutting (or padding) the audio by this
+    amount keeps the picture where it was against the sound.
+    """
+    with _open(check_readable(path)) as container:
+        if not container.streams.video or not container.streams.audio:
+            return 0.0
+        starts = []
+        for stream in (container.streams.video[0], container.streams.audio[0]):
+            if stream.start_time is None or stream.time_base is None:
+                return 0.0
+            starts.append(float(stream.start_time * stream.time_base))
+    return starts[0] - starts[1]
+
+
+def _shift(samples: np.ndarray, count: int) -> np.ndarray:
+    """Drop `count` leading samples (count > 0) or prepend -count zeros (count < 0), on the last axis."""
+    if count > 0:
+        return samples[..., count:]
+    if count < 0:
+        pad = [(0, 0)] * (samples.ndim - 1) + [(-count, 0)]
+        return np.pad(samples, pad)
+    return samples
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float = 0.0) -> np.ndarray:
     """The first audio stream as mono float32 at `sample_rate`, channels averaged.
+
+    `start` (seconds, may be negative) is where in the stream the result begins: the first
+    `start` seconds are dropped, or -`start` seconds of silence are prepended.
 
     Audio is small next to video (a minute at 16 kHz is 4 MB), so it is decoded whole.
     The channels are averaged here (as librosa's `to_mono` in the original), not by FFmpeg's
@@ -90,7 +121,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
             raise LipdubError(f"cannot decode the audio of {path}: {exc}") from None
     if not parts:
         raise LipdubError(f"{path} has an audio stream with no samples")
-    return np.concatenate(parts).astype(np.float32, copy=False)
+    return _shift(np.concatenate(parts).astype(np.float32, copy=False), round(start * sample_rate))
 
 
 # ----------------------------------------------------------------------------------------- video
@@ -346,6 +377,7 @@ class VideoWriter:
     height: int
     fps: Fraction
     audio_path: Path | None = None
+    audio_start: float = 0.0  # seconds into the audio that output time 0 shows (see load_audio)
     crf: int = 18
     preset: str = "veryfast"
     _container: av.container.OutputContainer | None = field(default=None, init=False)
@@ -369,7 +401,10 @@ class VideoWriter:
             self._video.width = self.width + self.width % 2
             self._video.height = self.height + self.height % 2
             self._video.pix_fmt = "yuv420p"
-            self._video.options = {"crf": str(self.crf), "preset": self.preset}
+            # Frames are converted to BT.601 limited-range 4:2:0 by OpenCV (see `write`); say so
+            # in the stream, or players assume BT.709 for HD sizes and shift the colours.
+            self._video.options = {"crf": str(self.crf), "preset": self.preset,
+                                   "x264-params": "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m:range=tv"}
             self._video.codec_context.time_base = Fraction(1, 1) / self.fps
             if self.audio_path is not None:
                 self._audio_source = _open(Path(self.audio_path))
@@ -401,10 +436,18 @@ class VideoWriter:
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
         stream = self._audio_stream
         samples = 0
+        skip = round(self.audio_start * rate)  # > 0: samples still to drop; < 0: silence to add
 
         def encode(frames):
-            nonlocal samples
+            nonlocal samples, skip
             for out in frames:
+                if skip:
+                    planes = _shift(out.to_ndarray(), skip)
+                    skip = max(0, skip - out.samples)
+                    if planes.shape[-1] == 0:
+                        continue
+                    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format="fltp", layout=layout)
+                    out.sample_rate = rate
                 out.pts, out.time_base = samples, Fraction(1, rate)
                 samples += out.samples
                 yield from stream.encode(out)
@@ -426,7 +469,10 @@ class VideoWriter:
     def write(self, frame: np.ndarray) -> None:
         if frame.shape[0] != self._video.height or frame.shape[1] != self._video.width:
             frame = np.pad(frame, ((0, self._video.height - frame.shape[0]), (0, self._video.width - frame.shape[1]), (0, 0)), mode="edge")
-        video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
+        # OpenCV's conversion rounds; FFmpeg's default bgr24 -> yuv420p path truncates and
+        # darkens every frame by a few levels (grey 128 came back as (123, 126, 124)).
+        yuv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_BGR2YUV_I420)
+        video_frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         video_frame.pts = self.n_frames
         for packet in self._video.encode(video_frame):
             self._container.mux(packet)

@@ -10,6 +10,7 @@ written, and ping-pong playback knows the clip length.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,9 @@ from .blend import paste_box, paste_feather
 from .errors import LipdubError
 from .faces.base import Face
 from .faces.track import FaceTrack, build_track, fixed_track
-from .media import Transform, VideoSource, VideoWriter, check_readable, check_writable, load_audio, prefetch
+from .media import (
+    Transform, VideoSource, VideoWriter, check_readable, check_writable, load_audio, prefetch, video_start_in_audio,
+)
 from .models.wav2lip import Wav2Lip
 
 DETECT_SIZE = 480  # longest side of the frames the detector sees
@@ -385,7 +388,7 @@ def _restore_stage(frames: Iterator[np.ndarray], track: FaceTrack, order: Sequen
                              weight=opts.restore_weight, upscale=opts.upscale, skip_sha256=opts.skip_sha256,
                              progress=opts.progress)
     landmarks = (track.landmarks[j] if track.valid[j] else None for j in order)
-    out = stage.process(frames, landmarks)
+    out = stage.process(frames, landmarks, weights=(float(track.alpha[j]) for j in order))
     while True:
         with timer("restore"):
             frame = next(out, None)
@@ -411,8 +414,12 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, **options) -> 
     transform = Transform(opts.resize_factor, opts.rotate, tuple(opts.crop))
     source = VideoSource(face_path, fps=opts.fps, transform=transform)
     fps = float(source.info.fps)
+    # A video's own audio stays where it was against the picture, even when the streams start
+    # at different times; another file's audio starts with the video.
+    same_file = not source.info.is_image and os.path.samefile(face_path, audio_path)
+    audio_start = video_start_in_audio(face_path) if same_file else 0.0
     with timer("audio"):
-        wav = load_audio(audio_path)
+        wav = load_audio(audio_path, start=audio_start)
         if not np.any(wav):
             raise LipdubError(f"{audio_path} is silent (all samples are zero)")
         mel = audio_mod.melspectrogram(wav)
@@ -432,7 +439,7 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, **options) -> 
         frames = _restore_stage(frames, track, order, opts, device, timer)
     width, height = source.info.width * opts.upscale, source.info.height * opts.upscale
     bar = tqdm(total=len(order), desc="lip-sync", unit="frame", disable=not opts.progress)
-    with VideoWriter(output, width, height, source.info.fps, audio_path=audio_path) as writer:
+    with VideoWriter(output, width, height, source.info.fps, audio_path=audio_path, audio_start=audio_start) as writer:
         for done, frame in enumerate(frames, 1):
             with timer("encode"):
                 writer.write(frame)

@@ -40,6 +40,24 @@ def wav2lip_checkpoint(tmp_path_factory, rule_a) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rule_b_gfpgan(rule_b) -> dict:
+    import json
+
+    schema = [[k, list(s), d] for k, s, d in json.loads((SPECS / "gfpganv1_clean_state_dict.json").read_text())]
+    return rule_b.fill_state_dict(schema, rule_b.GFPGAN_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def gfpgan_checkpoint(tmp_path_factory, rule_b_gfpgan) -> Path:
+    """Rule-B GFPGAN weights saved as the released GFPGANv1.x.pth files are: {"params_ema": state_dict}."""
+    import torch
+
+    path = tmp_path_factory.mktemp("gfpgan") / "GFPGANv1.4_rule_b.pth"
+    torch.save({"params_ema": rule_b_gfpgan}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def media() -> Path:
     if not MEDIA.is_dir():
         pytest.skip(f"shared media not found at {MEDIA}")

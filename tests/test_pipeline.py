@@ -259,3 +259,33 @@ def test_full_v3_default_options(tmp_path, media, wav2lip_checkpoint):
     assert len(frames) == result.n_frames == result.frames_with_face
     durations = stream_durations(out)
     assert 0 <= durations["audio"] - durations["video"] < 0.2
+
+
+def test_restore_after_lip_sync_touches_only_the_mouth_region(tmp_path, media, wav2lip_checkpoint, gfpgan_checkpoint):
+    """`run --restore gfpgan --upscale 2`: double size, and restoration changes only the lower face."""
+    speech = short_speech(tmp_path / "speech.wav", 0.25)  # 3 frames: GFPGAN costs ~2 s per face on a CPU
+    p2 = MEDIA / "p2_woman_frontal_closed_mouth_474.png"
+    common = dict(checkpoint=str(wav2lip_checkpoint), fps=25, progress=False, device="cpu")
+    plain = sync(p2, speech, tmp_path / "plain.mp4", **common)
+    restored = sync(p2, speech, tmp_path / "restored.mp4", restore="gfpgan", restore_checkpoint=str(gfpgan_checkpoint),
+                    upscale=2, **common)
+    assert (restored.width, restored.height) == (948, 948) and restored.n_frames == plain.n_frames == 3
+    assert restored.timings["restore"] > 0
+    for a, b in zip(decode(tmp_path / "plain.mp4"), decode(tmp_path / "restored.mp4")):
+        up = cv2.resize(a, (948, 948), interpolation=cv2.INTER_CUBIC)
+        changed = np.abs(up.astype(int) - b).max(axis=2) > 24  # well above codec loss
+        # Codec and resampling differ at a few hair-edge pixels; restoration changes whole rows.
+        rows = np.flatnonzero(changed.mean(axis=1) > 0.05)
+        assert len(rows) > 50, "restoration changed nothing"
+        eyes = 0.33 * 948  # p2's eyes are at about 0.3 of the height, the nose tip at 0.4
+        assert rows.min() > eyes, "mouth-region restoration reached the eyes"
+        assert changed[: int(eyes)].mean() < 0.002
+
+
+def test_restore_needs_landmarks(tmp_path, media, wav2lip_checkpoint, gfpgan_checkpoint):
+    speech = short_speech(tmp_path / "speech.wav", 0.25)
+    with pytest.raises(LipdubError, match="landmarks"):
+        sync(MEDIA / "p2_woman_frontal_closed_mouth_474.png", speech, tmp_path / "o.mp4", box=(100, 400, 100, 380),
+             checkpoint=str(wav2lip_checkpoint), restore="gfpgan", restore_checkpoint=str(gfpgan_checkpoint),
+             progress=False)
+    assert not (tmp_path / "o.mp4").exists()

@@ -129,8 +129,10 @@ def load_generator(checkpoint: str, device: torch.device, skip_sha256: bool = Fa
     from . import weights
 
     path = weights.resolve(checkpoint, skip_sha256=skip_sha256, progress=progress)
-    model = Wav2Lip()
-    model.load_state_dict(weights.load_state_dict(path, "wav2lip"))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.load_state_dict(path, "wav2lip").items()}
+    with torch.device("meta"):  # no second copy of the 145 MB of weights: adopt the loaded tensors
+        model = Wav2Lip()
+    model.load_state_dict(state, assign=True)
     return model.to(device).eval()
 
 

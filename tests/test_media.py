@@ -572,3 +572,36 @@ def test_writer_colours_round_trip(tmp_path):
         frames = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
     for frame, bgr in zip(frames, colours):
         assert np.abs(frame[8:-8, 8:-8].astype(int) - np.array(bgr)).max() <= 2, (frame[24, 32], bgr)
+
+
+@pytest.mark.parametrize("codec,container", [("mpeg4", "mp4"), ("libvpx-vp9", "webm")])
+def test_other_input_codecs_decode_on_the_clock(media, tmp_path, codec, container):
+    """MPEG-4 Part 2 and VP9 inputs (H.264 and HEVC are the shared media) decode frame for frame."""
+    from fractions import Fraction
+
+    import av
+
+    from lipdub.media import VideoSource
+
+    src = media / "v3_woman_glasses_524x524_25fps.mp4"
+    path = tmp_path / f"clip.{container}"
+    originals = []
+    with av.open(str(src)) as inp, av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 524, 524, "yuv420p"
+        for i, frame in enumerate(inp.decode(video=0)):
+            if i == 8:
+                break
+            originals.append(frame.to_ndarray(format="bgr24"))
+            frame = frame.reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    source = VideoSource(path)
+    frames = [f for _, f in source.clock()]
+    assert (source.info.width, source.info.height, float(source.info.fps)) == (524, 524, 25.0)
+    assert len(frames) == 8
+    for got, want in zip(frames, originals):
+        assert np.abs(got.astype(float) - want).mean() < 8  # lossy re-encode, same picture

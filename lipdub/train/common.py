@@ -1,0 +1,330 @@
+"""Shared training plumbing: checkpoints, logs, devices, distributed helpers.
+
+Checkpoints use the official Wav2Lip layout, a dict with exactly ``state_dict``, ``optimizer``,
+``global_step`` and ``global_epoch`` (tensors, ints and None only, so ``torch.load(...,
+weights_only=True)`` and the original inference both read them). State that the official
+format has no room for (the sync-loss weight the schedule has reached, the run's settings) goes
+to a JSON side file next to the checkpoint, ``<checkpoint>.train.json``.
+
+Logs: ``events.out.tfevents.*`` files that TensorBoard reads (written here directly, the
+`tensorboard` package is not needed), the same scalars in ``metrics.csv``, and one line per
+log interval on the console.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LipdubError
+
+T = 5  # frames per window (the original's syncnet_T)
+IMG_SIZE = 96
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    global_step: int, global_epoch: int) -> None:
+    """Write an official-format checkpoint atomically (temp file + rename)."""
+    path = Path(path)
+    state = {
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "global_step": int(global_step),
+        "global_epoch": int(global_epoch),
+    }
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_training_checkpoint(path: Path, kind: str) -> dict:
+    """A checkpoint to resume from: the whole dict, its state dict checked against `kind`."""
+    from .. import weights
+
+    path = Path(path)
+    state = weights.load_state_dict(path, kind)  # structure check, `module.` stripped
+    raw = weights.load_checkpoint(path)
+    if not isinstance(raw, dict) or "global_step" not in raw:
+        raise LipdubError(f"{path.name} is not a training checkpoint (no global_step); cannot resume from it")
+    raw["state_dict"] = state
+    return raw
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def sidecar(path: Path) -> Path:
+    return Path(str(path) + ".train.json")
+
+
+# --------------------------------------------------------------------------------------- devices
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LipdubError("--device cuda requested but CUDA is not available")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    elif name not in ("cpu", "mps"):
+        raise LipdubError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)")
+    return torch.device(name)
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a `torchrun` job (world 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if not dist.is_initialized():
+        use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local_rank)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broadcast_float(value: float, dist_info: Dist, device: torch.device) -> float:
+    if not dist_info.enabled:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
+# ------------------------------------------------------------------------------------------- logs
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _event(wall_time: float, step: int, *, file_version: str | None = None,
+           scalars: dict[str, float] | None = None) -> bytes:
+    """A tensorflow `Event` protobuf, encoded by hand (fields 1 wall_time, 2 step, 3 file_version, 5 summary)."""
+    msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
+    if file_version is not None:
+        raw = file_version.encode()
+        msg += b"\x1a" + _varint(len(raw)) + raw
+    if scalars:
+        summary = b""
+        for tag, value in scalars.items():
+            t = tag.encode()
+            v = b"\x0a" + _varint(len(t)) + t + b"\x15" + struct.pack("<f", float(value))
+            summary += b"\x0a" + _varint(len(v)) + v
+        msg += b"\x2a" + _varint(len(summary)) + summary
+    return msg
+
+
+def _record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def read_events(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """Scalars back from an event file written by `Logger` (checks every CRC); for tests and tools."""
+    data = Path(path).read_bytes()
+    out = []
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        if struct.unpack_from("<I", data, pos + 8)[0] != _masked_crc(data[pos : pos + 8]):
+            raise ValueError("bad length crc")
+        body = data[pos + 12 : pos + 12 + length]
+        if struct.unpack_from("<I", data, pos + 12 + length)[0] != _masked_crc(body):
+            raise ValueError("bad data crc")
+        pos += 16 + length
+        out.append(_parse_event(body))
+    return out
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return result, pos
+
+
+def _parse_event(buf: bytes) -> tuple[int, dict[str, float]]:
+    step, scalars, pos = 0, {}, 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            if field == 2:
+                step = value
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            n, pos = _read_varint(buf, pos)
+            chunk = buf[pos : pos + n]
+            pos += n
+            if field == 5:
+                scalars.update(_parse_summary(chunk))
+    return step, scalars
+
+
+def _parse_summary(buf: bytes) -> dict[str, float]:
+    out, pos = {}, 0
+    while pos < len(buf):
+        _, pos = _read_varint(buf, pos)
+        n, pos = _read_varint(buf, pos)
+        value, tag, p = buf[pos : pos + n], "", 0
+        pos += n
+        number = float("nan")
+        while p < len(value):
+            key, p = _read_varint(value, p)
+            if key == 0x0A:
+                m, p = _read_varint(value, p)
+                tag = value[p : p + m].decode()
+                p += m
+            elif key == 0x15:
+                number = struct.unpack_from("<f", value, p)[0]
+                p += 4
+            else:
+                raise ValueError(f"unexpected summary field {key}")
+        out[tag] = number
+    return out
+
+
+class Logger:
+    """Scalars to a TensorBoard event file, a CSV file and (every call with `echo`) the console."""
+
+    def __init__(self, log_dir: Path | None, enabled: bool = True, quiet: bool = False):
+        self.enabled = enabled and log_dir is not None
+        self.quiet = quiet or not enabled
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._events = None
+        self._csv = None
+        if self.enabled:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.lipdub"
+            self._events = open(self.log_dir / name, "ab")
+            self._events.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
+            new = not (self.log_dir / "metrics.csv").exists()
+            self._csv = open(self.log_dir / "metrics.csv", "a", newline="")
+            self._csv_writer = csv.writer(self._csv)
+            if new:
+                self._csv_writer.writerow(["wall_time", "step", "tag", "value"])
+
+    def scalars(self, step: int, values: dict[str, float], echo: str | None = None) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        if self.enabled:
+            now = time.time()
+            self._events.write(_record(_event(now, step, scalars=values)))
+            self._events.flush()
+            for k, v in values.items():
+                self._csv_writer.writerow([f"{now:.3f}", step, k, f"{v:.6g}"])
+            self._csv.flush()
+        if echo is not None and not self.quiet:
+            text = "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items())
+            print(f"[{echo} step {step}] {text}", flush=True)
+
+    def print(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        for fh in (self._events, self._csv):
+            if fh is not None:
+                fh.close()
+
+
+def default_log_dir(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + "_logs")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))

@@ -378,18 +378,42 @@ def _target_track(source: VideoSource, opts: SyncOptions, device: torch.device, 
     return found.tick_pts, track
 
 
-def _restore_stage(frames: Iterator[np.ndarray], track: FaceTrack, order: Sequence[int], opts: SyncOptions,
-                   device: torch.device, timer: Timer) -> Iterator[np.ndarray]:
+def _landmarks_for(source: VideoSource, track: FaceTrack, n_ticks: int, opts: SyncOptions, device: torch.device,
+                   timer: Timer) -> np.ndarray:
+    """Five-point landmarks for a track that has none (`--box`, S3FD), from a CenterFace pass.
+
+    Only landmarks whose centre lies inside the track's box on that frame are kept, so a
+    different face in the picture is never restored in place of the driven one.
+    """
+    from .faces.base import load_detector
+
+    stride = max(1, round(float(source.info.fps) / 6))
+    found = scan(source, load_detector("centerface", device), stride, timer, False, max_frames=n_ticks)
+    marks = build_track(found.detections, found.cuts, len(found.tick_pts), source.info.width, source.info.height,
+                        pads=(0, 0, 0, 0), smooth=opts.smooth, face_index=opts.face_index,
+                        max_gap=2 * stride + 2).landmarks
+    out = np.full((len(track.valid), 5, 2), np.nan, dtype=np.float32)
+    n = min(len(out), len(marks))
+    centre = marks[:n].mean(axis=1)  # NaN where there is no face: the comparisons below are then False
+    box = track.boxes[:n]
+    inside = (box[:, 0] <= centre[:, 0]) & (centre[:, 0] < box[:, 2]) & (box[:, 1] <= centre[:, 1]) & (centre[:, 1] < box[:, 3])
+    out[:n][inside] = marks[:n][inside]
+    return out
+
+
+def _restore_stage(frames: Iterator[np.ndarray], source: VideoSource, track: FaceTrack, tick_count: int,
+                   order: Sequence[int], opts: SyncOptions, device: torch.device, timer: Timer) -> Iterator[np.ndarray]:
     """GFPGAN on the lip-synced frames, aligned with the track's smoothed landmarks."""
     from .enhance import RestoreStage
 
-    if track.landmarks is None or not np.isfinite(track.landmarks[track.valid]).all():
-        raise LipdubError("--restore needs five-point face landmarks: use the centerface detector (not --box or s3fd)")
+    landmarks_of = track.landmarks
+    if landmarks_of is None or not np.isfinite(landmarks_of[track.valid]).any():
+        landmarks_of = _landmarks_for(source, track, tick_count, opts, device, timer)
     with timer("load"):
         stage = RestoreStage(opts.restore_checkpoint, device=device, region=opts.restore_region,
                              weight=opts.restore_weight, upscale=opts.upscale, skip_sha256=opts.skip_sha256,
                              progress=opts.progress)
-    landmarks = (track.landmarks[j] if track.valid[j] else None for j in order)
+    landmarks = (landmarks_of[j] if track.valid[j] else None for j in order)
     out = stage.process(frames, landmarks, weights=(float(track.alpha[j]) for j in order))
     while True:
         with timer("restore"):
@@ -438,7 +462,7 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, **options) -> 
 
     frames = render(source, tick_pts, track, mel, starts, order, model, opts, timer)
     if opts.restore:
-        frames = _restore_stage(frames, track, order, opts, device, timer)
+        frames = _restore_stage(frames, source, track, len(tick_pts), order, opts, device, timer)
     width, height = source.info.width * opts.upscale, source.info.height * opts.upscale
     bar = tqdm(total=len(order), desc="lip-sync", unit="frame", disable=not opts.progress)
     with VideoWriter(output, width, height, source.info.fps, audio_path=audio_path, audio_start=audio_start) as writer:

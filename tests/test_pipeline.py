@@ -282,10 +282,22 @@ def test_restore_after_lip_sync_touches_only_the_mouth_region(tmp_path, media, w
         assert changed[: int(eyes)].mean() < 0.002
 
 
-def test_restore_needs_landmarks(tmp_path, media, wav2lip_checkpoint, gfpgan_checkpoint):
+def test_restore_with_a_fixed_box_finds_landmarks_inside_it(tmp_path, media, wav2lip_checkpoint, gfpgan_checkpoint):
+    """`--box` tracks carry no landmarks: a CenterFace pass supplies them, only inside the box."""
     speech = short_speech(tmp_path / "speech.wav", 0.25)
-    with pytest.raises(LipdubError, match="landmarks"):
-        sync(MEDIA / "p2_woman_frontal_closed_mouth_474.png", speech, tmp_path / "o.mp4", box=(100, 400, 100, 380),
-             checkpoint=str(wav2lip_checkpoint), restore="gfpgan", restore_checkpoint=str(gfpgan_checkpoint),
-             progress=False)
-    assert not (tmp_path / "o.mp4").exists()
+    p2 = MEDIA / "p2_woman_frontal_closed_mouth_474.png"
+    common = dict(checkpoint=str(wav2lip_checkpoint), progress=False, device="cpu", blend="box")
+    face_box = (150, 350, 150, 330)  # TOP BOTTOM LEFT RIGHT around p2's face
+    plain = decode_one(sync(p2, speech, tmp_path / "a.mp4", box=face_box, **common).output)
+    restored = decode_one(sync(p2, speech, tmp_path / "b.mp4", box=face_box, restore="gfpgan",
+                               restore_checkpoint=str(gfpgan_checkpoint), **common).output)
+    assert np.abs(plain.astype(int) - restored).max(axis=2).__gt__(24).mean() > 0.01
+    elsewhere = (0, 60, 0, 474)  # a box on the hair, no face inside: nothing to restore
+    plain = decode_one(sync(p2, speech, tmp_path / "c.mp4", box=elsewhere, **common).output)
+    restored = decode_one(sync(p2, speech, tmp_path / "d.mp4", box=elsewhere, restore="gfpgan",
+                               restore_checkpoint=str(gfpgan_checkpoint), **common).output)
+    assert np.abs(plain.astype(int) - restored).max() <= 2
+
+
+def decode_one(path: Path) -> np.ndarray:
+    return decode(path)[1]

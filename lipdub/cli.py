@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"run": _run, "weights": _weights}
 # Modules that add their own subcommand: `add_cli(sub)` registers a parser whose defaults carry
 # `handler=function(args) -> exit code`.
-EXTENSIONS = [name for name in ("lipdub.enhance", "lipdub.evaluate", "lipdub.serve")
+EXTENSIONS = [name for name in ("lipdub.enhance", "lipdub.evaluate", "lipdub.serve", "lipdub.train")
               if importlib.util.find_spec(name) is not None]
 
 

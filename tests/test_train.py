@@ -1,0 +1,474 @@
+"""Training stack: synth -> preprocess -> data windows -> expert -> generator (+GAN), resume, DDP, errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lipdub.errors import LipdubError
+
+pytestmark = pytest.mark.usefixtures("media")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    from lipdub.train import add_cli
+
+    parser = argparse.ArgumentParser(prog="lipdub")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args([str(a) for a in argv])
+
+
+def run(*argv: str) -> int:
+    args = parse(*argv)
+    return args.handler(args)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def optimizer_equal(a: dict, b: dict) -> bool:
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, media) -> Path:
+    """Three synthetic clips (two train, one val) of 2.4 s at 128x128, preprocessed by two workers."""
+    root = tmp_path_factory.mktemp("train")
+    assert run("synth", root / "raw", "--clips", 3, "--seconds", 2.4, "--size", 128, "--val-fraction", 0.34,
+               "--media", media, "--quiet") == 0
+    assert run("preprocess", root / "raw", root / "data", "--workers", 2, "--quiet") == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def expert_ckpt(dataset) -> Path:
+    from lipdub.train.expert import ExpertOptions, train_expert
+
+    out = dataset / "expert.pth"
+    train_expert(ExpertOptions(dataset / "data", out, steps=2, batch_size=2, eval_samples=4, workers=0,
+                               device="cpu", quiet=True, log_interval=1))
+    return out
+
+
+# ---------------------------------------------------------------------------------- synth / preprocess
+
+
+def test_synth_and_preprocess_layout(dataset):
+    from lipdub.audio import melspectrogram
+    from lipdub.media import load_audio
+    from lipdub.train.synth import mouth_opening
+
+    raw, data = dataset / "raw", dataset / "data"
+    assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*.mp4")) == \
+        ["train/clip0000.mp4", "train/clip0001.mp4", "val/clip0002.mp4"]
+    assert (data / "filelists" / "train.txt").read_text().split() == ["train/clip0000", "train/clip0001"]
+    assert (data / "filelists" / "val.txt").read_text().split() == ["val/clip0002"]
+    report = json.loads((data / "preprocess_report.json").read_text())
+    assert report["done"] == 3 and report["skipped"] == {}
+    for name in ("train/clip0000", "train/clip0001", "val/clip0002"):
+        folder = data / name
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["fps"] == 25 and meta["n_frames"] == 60
+        frames = sorted(int(p.stem) for p in folder.glob("*.jpg"))
+        assert len(frames) >= 40, f"{name}: face found in only {len(frames)} of 60 frames"
+        assert frames == [i for a, b in meta["runs"] for i in range(a, b)]
+        assert cv2.imread(str(folder / f"{frames[0]}.jpg")).shape == (96, 96, 3)
+        wav = load_audio(folder / "audio.wav")
+        assert 2.4 <= len(wav) / 16000 < 2.7  # the synthesiser writes 0.1 s extra, AAC pads a little
+        mel = np.load(folder / "mel.npy")
+        np.testing.assert_allclose(mel, melspectrogram(wav), atol=1e-4)
+        # the mouths in the crops follow the opening the synthesiser drew from the speech
+        drawn = np.load(raw / (name + ".opening.npy"))
+        measured = [mouth_opening(cv2.imread(str(folder / f"{i}.jpg"))) for i in frames]
+        r = np.corrcoef(drawn[frames], measured)[0, 1]
+        assert r > 0.8, f"{name}: crop mouth opening vs drawn opening r = {r:.2f}"
+
+
+def _write_video(path: Path, frames, audio: Path | None) -> Path:
+    from lipdub.media import VideoWriter
+
+    h, w = frames[0].shape[:2]
+    with VideoWriter(path, w, h, Fraction(25), audio_path=audio) as writer:
+        for f in frames:
+            writer.write(f)
+    return path
+
+
+def test_preprocess_rerun_skips_and_reports(dataset, tmp_path):
+    from lipdub.media import VideoSource
+    from lipdub.train.preprocess import preprocess
+
+    raw = tmp_path / "raw"
+    (raw / "deep" / "er").mkdir(parents=True)
+    good = raw / "deep" / "er" / "good.mp4"
+    shutil.copy(dataset / "raw" / "train" / "clip0000.mp4", good)
+    frames = [f for _, f in VideoSource(good).clock()]
+    wav = tmp_path / "speech.wav"
+    from tests.conftest import short_speech
+
+    short_speech(wav, 2.0)
+    _write_video(raw / "noaudio.mp4", frames[:30], None)
+    _write_video(raw / "short.mp4", frames[:8], wav)
+    rng = np.random.default_rng(0)
+    _write_video(raw / "noface.mp4", [rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(30)], wav)
+    (raw / "broken.mp4").write_bytes(b"not a video at all" * 100)
+
+    data = tmp_path / "data"
+    report = preprocess(raw, data, workers=1, progress=False)
+    assert report["done"] == 1 and report["reused_from_previous_run"] == 0
+    reasons = report["skipped"]
+    assert set(reasons) == {"noaudio", "short", "noface", "broken"}
+    assert reasons["noaudio"].startswith("no audio")
+    assert reasons["short"].startswith("too short")
+    assert reasons["noface"] == "no face"
+    assert reasons["broken"].startswith("unreadable")
+    assert (data / "deep" / "er" / "good" / "meta.json").is_file()  # nesting kept
+    assert sum(1 for _ in (data / "deep" / "er" / "good").glob("*.jpg")) > 40
+
+    stamp = (data / "deep/er/good/meta.json").stat().st_mtime_ns
+    again = preprocess(raw, data, workers=1, progress=False)
+    assert again["reused_from_previous_run"] == 5 and again["done"] == 1
+    assert again["skipped"] == reasons
+    assert (data / "deep/er/good/meta.json").stat().st_mtime_ns == stamp  # not redone
+
+    os.utime(good, (1_000_000, 1_000_000))  # the source changed: redo it
+    third = preprocess(raw, data, workers=1, progress=False)
+    assert third["reused_from_previous_run"] == 4
+    assert (data / "deep/er/good/meta.json").stat().st_mtime_ns != stamp
+
+
+def test_preprocess_without_videos(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(LipdubError, match="no videos"):
+        run("preprocess", tmp_path / "raw", tmp_path / "data", "--quiet")
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+
+def _clip_arrays(data: Path, name: str):
+    folder = data / name
+    meta = json.loads((folder / "meta.json").read_text())
+    ids = [i for a, b in meta["runs"] for i in range(a, b)]
+    faces = {i: cv2.imread(str(folder / f"{i}.jpg")).astype(np.float32) / 255.0 for i in ids}
+    return meta, np.load(folder / "mel.npy"), faces
+
+
+def _match_frame(faces: dict, image: np.ndarray, lower_only: bool = False) -> int:
+    """The frame id whose crop equals `image` (H, W, 3) exactly."""
+    hits = [i for i, f in faces.items() if np.array_equal(f[48:] if lower_only else f, image)]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def test_generator_windows_align_like_inference(dataset):
+    from lipdub.audio import chunk_starts
+    from lipdub.train.data import GeneratorDataset
+
+    data = dataset / "data"
+    clips = {n: _clip_arrays(data, n) for n in ("train/clip0000", "train/clip0001")}
+    ds = GeneratorDataset(data, "train", seed=3, augment=False)
+    seen = set()
+    for k in range(12):
+        x, indiv, mel, gt = (t.numpy() for t in ds[k])
+        assert x.shape == (6, 5, 96, 96) and indiv.shape == (5, 1, 80, 16) and mel.shape == (1, 80, 16)
+        first = gt[:, 0].transpose(1, 2, 0)
+        name = next(n for n, (_, _, faces) in clips.items()
+                    if any(np.array_equal(f, first) for f in faces.values()))
+        meta, full_mel, faces = clips[name]
+        s = _match_frame(faces, first)
+        starts = chunk_starts(full_mel.shape[1], meta["fps"])  # what `lipdub run` uses for frame i
+        for t in range(5):
+            assert np.array_equal(gt[:, t].transpose(1, 2, 0), faces[s + t])
+            assert np.array_equal(indiv[t, 0], full_mel[:, starts[s + t] : starts[s + t] + 16])
+        assert np.array_equal(mel[0], indiv[0, 0])  # the expert's window: the one of the first frame
+        assert np.all(x[:3, :, 48:] == 0) and np.array_equal(x[:3, :, :48], gt[:, :, :48])
+        r = _match_frame(faces, x[3:, 0].transpose(1, 2, 0))
+        assert abs(r - s) >= 5, f"reference window at {r} overlaps the target at {s}"
+        for t in range(5):
+            assert np.array_equal(x[3:, t].transpose(1, 2, 0), faces[r + t])
+        seen.add((name, s))
+    assert len(seen) > 6  # items differ
+    again = ds[5]
+    assert all(torch.equal(a, b) for a, b in zip(again, ds[5]))  # item k is a pure function of k
+
+
+def test_expert_windows_and_negatives(dataset):
+    from lipdub.audio import chunk_starts
+    from lipdub.train.data import ExpertDataset
+
+    data = dataset / "data"
+    meta, full_mel, faces = _clip_arrays(data, "val/clip0002")
+    starts = chunk_starts(full_mel.shape[1], meta["fps"])
+    ds = ExpertDataset(data, "val", seed=1, balanced=True)
+    labels = []
+    for k in range(16):
+        x, mel, y = (t.numpy() for t in ds[k])
+        assert x.shape == (15, 48, 96)
+        face_start = _match_frame(faces, x[:3].transpose(1, 2, 0), lower_only=True)
+        for t in range(5):
+            assert np.array_equal(x[3 * t : 3 * t + 3].transpose(1, 2, 0), faces[face_start + t][48:])
+        mel_frames = [i for i in range(len(starts)) if np.array_equal(full_mel[:, starts[i] : starts[i] + 16], mel[0])]
+        assert mel_frames, "mel window is not one of the inference windows"
+        if y[0] == 1:
+            assert face_start in mel_frames
+        else:
+            assert min(abs(face_start - m) for m in mel_frames) >= 5
+        labels.append(int(y[0]))
+    assert labels == [1, 0] * 8
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def test_expert_checkpoint_resume_bit_for_bit(dataset, tmp_path):
+    from lipdub import weights
+    from lipdub.models.syncnet import SyncNetColor
+    from lipdub.train.common import read_events
+    from lipdub.train.expert import ExpertOptions, train_expert
+
+    data = dataset / "data"
+    common = dict(batch_size=3, eval_samples=4, eval_interval=2, log_interval=1, workers=0, device="cpu", quiet=True)
+    full = tmp_path / "full.pth"
+    train_expert(ExpertOptions(data, full, steps=4, **common))
+    part = tmp_path / "part.pth"
+    train_expert(ExpertOptions(data, part, steps=2, **common))
+    result = train_expert(ExpertOptions(data, part, steps=4, resume=True, workers=1,
+                                        **{k: v for k, v in common.items() if k != "workers"}))
+    assert result["global_step"] == 4
+    a, b = torch.load(full, weights_only=True), torch.load(part, weights_only=True)
+    assert set(a) == {"state_dict", "optimizer", "global_step", "global_epoch"}
+    assert a["global_step"] == b["global_step"] == 4
+    assert state_equal(a["state_dict"], b["state_dict"])
+    assert optimizer_equal(a["optimizer"], b["optimizer"])
+    # training changed the weights
+    torch.manual_seed(0)
+    init = SyncNetColor().state_dict()
+    assert not torch.equal(init["face_encoder.0.conv_block.0.weight"], a["state_dict"]["face_encoder.0.conv_block.0.weight"])
+    # loads like a released expert
+    state = weights.load_state_dict(full, "syncnet_color")
+    SyncNetColor().load_state_dict(state, strict=True)
+    assert list(state) == list(json_keys("syncnet_color"))
+    # logs: TensorBoard event file and CSV
+    logs = tmp_path / "full_logs"
+    events = [e for f in logs.glob("events.out.tfevents.*") for e in read_events(f)]
+    steps = sorted(s for s, v in events if "train/loss" in v)
+    assert steps == [1, 2, 3, 4]
+    assert any("eval/accuracy" in v and 0 <= v["eval/accuracy"] <= 1 for _, v in events)
+    assert "train/loss" in (logs / "metrics.csv").read_text()
+    assert json.loads((tmp_path / "full.pth.train.json").read_text())["eval"]["n"] == 4
+
+
+def json_keys(kind: str) -> list[str]:
+    from tests.conftest import SPECS
+
+    return [entry[0] for entry in json.loads((SPECS / f"{kind}_state_dict.json").read_text())]
+
+
+def test_generator_gan_resume_schedule_and_formats(dataset, expert_ckpt, tmp_path, monkeypatch):
+    """Two GAN steps straight vs one step + --resume: identical generator, disc and optimizers.
+    The sync-loss threshold is raised so the schedule switches on at the first evaluation: the
+    resumed run must pick the weight up from the side file."""
+    from lipdub import weights
+    from lipdub.models.wav2lip import Wav2Lip, Wav2LipDiscQual
+    from lipdub.pipeline import load_generator
+    from lipdub.train import generator as gen
+
+    monkeypatch.setattr(gen, "SYNC_THRESHOLD", 100.0)
+    data = dataset / "data"
+    common = dict(expert=expert_ckpt, batch_size=1, gan=True, eval_interval=1, eval_samples=1, log_interval=1,
+                  workers=0, device="cpu", quiet=True)
+    full = tmp_path / "full.pth"
+    gen.train_generator(gen.GeneratorOptions(data, full, steps=2, **common))
+    part = tmp_path / "part.pth"
+    gen.train_generator(gen.GeneratorOptions(data, part, steps=1, **common))
+    assert json.loads((tmp_path / "part.pth.train.json").read_text())["syncnet_wt"] == 0.03
+    gen.train_generator(gen.GeneratorOptions(data, part, steps=2, resume=True, **common))
+    for a_path, b_path in ((full, part), (tmp_path / "full_disc.pth", tmp_path / "part_disc.pth")):
+        a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+        assert set(a) == {"state_dict", "optimizer", "global_step", "global_epoch"} and a["global_step"] == 2
+        assert state_equal(a["state_dict"], b["state_dict"]), a_path.name
+        assert optimizer_equal(a["optimizer"], b["optimizer"]), a_path.name
+    # the sync loss was in use at step 2
+    csv = (tmp_path / "full_logs" / "metrics.csv").read_text().splitlines()
+    assert any(",2,train/sync," in line for line in csv) and not any(",1,train/sync," in line for line in csv)
+    # official layout: `lipdub run` and a strict load take them
+    state = weights.load_state_dict(full, "wav2lip")
+    assert list(state) == json_keys("wav2lip")
+    Wav2Lip().load_state_dict(state, strict=True)
+    Wav2LipDiscQual().load_state_dict(weights.load_state_dict(tmp_path / "full_disc.pth", "wav2lip_disc_qual"), strict=True)
+    model = load_generator(str(full), torch.device("cpu"))
+    out = model(torch.zeros(1, 1, 80, 16), torch.zeros(1, 6, 96, 96))
+    assert out.shape == (1, 3, 96, 96)
+    sheets = sorted((tmp_path / "full_logs" / "samples").glob("*.png"))
+    assert sheets and cv2.imread(str(sheets[-1])).shape == (5 * 96, 4 * 96, 3)
+
+
+def test_expert_is_frozen_and_in_eval_mode(expert_ckpt):
+    from lipdub.models.wav2lip import Wav2Lip
+    from lipdub.train.generator import expert_sync_loss, load_expert
+
+    expert = load_expert(expert_ckpt, torch.device("cpu"))
+    before = {k: v.clone() for k, v in expert.state_dict().items()}
+    assert not expert.training and not any(p.requires_grad for p in expert.parameters())
+    g = Wav2Lip()
+    out = g(torch.zeros(2, 5, 1, 80, 16), torch.rand(2, 6, 5, 96, 96))
+    loss = expert_sync_loss(expert, torch.rand(2, 1, 80, 16), out)
+    loss.backward()
+    assert g.output_block[1].weight.grad is not None and g.output_block[1].weight.grad.abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in expert.state_dict().items())  # BN stats untouched
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_empty_data_set_and_no_audio(dataset, tmp_path, expert_ckpt):
+    empty = tmp_path / "empty"
+    with pytest.raises(LipdubError, match="empty"):
+        run("train", "expert", empty, "-o", tmp_path / "e.pth", "--steps", 1, "--quiet")
+    (empty / "filelists").mkdir(parents=True)
+    (empty / "filelists" / "train.txt").write_text("")
+    with pytest.raises(LipdubError, match="empty"):
+        run("train", "generator", empty, "-o", tmp_path / "g.pth", "--expert", expert_ckpt, "--steps", 1, "--quiet")
+
+    mute = tmp_path / "mute"
+    shutil.copytree(dataset / "data" / "train" / "clip0000", mute / "c0")
+    (mute / "c0" / "audio.wav").unlink()
+    (mute / "c0" / "mel.npy").unlink()
+    (mute / "filelists").mkdir()
+    (mute / "filelists" / "train.txt").write_text("c0\n")
+    with pytest.raises(LipdubError, match="no audio"):
+        run("train", "expert", mute, "-o", tmp_path / "e.pth", "--steps", 1, "--quiet", "--workers", 0)
+    with pytest.raises(LipdubError, match="--resume: no checkpoint"):
+        run("train", "expert", dataset / "data", "-o", tmp_path / "none.pth", "--resume", "--quiet")
+    with pytest.raises(LipdubError, match="expert checkpoint not found"):
+        run("train", "generator", dataset / "data", "-o", tmp_path / "g.pth", "--expert", tmp_path / "x.pth")
+
+
+def test_lipdub_cli_reports_training_errors_in_one_line(tmp_path, capsys):
+    from lipdub import cli
+
+    if "lipdub.train" not in cli.EXTENSIONS:
+        pytest.skip("lipdub.train is not registered in lipdub.cli.EXTENSIONS")
+    code = cli.main(["train", "expert", str(tmp_path / "nothing"), "-o", str(tmp_path / "e.pth"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("lipdub: error: data set is empty")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "broken.mp4").write_bytes(b"junk" * 64)
+    code = cli.main(["preprocess", str(tmp_path / "raw"), str(tmp_path / "data"), "--quiet", "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no usable clip" in err[0] and "unreadable" in err[0]
+
+
+# --------------------------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, out: str, kind: str, expert: str | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    if kind == "expert":
+        from lipdub.train.expert import ExpertOptions, train_expert
+
+        result = train_expert(ExpertOptions(Path(data), Path(out), steps=2, batch_size=2, eval_samples=2,
+                                            workers=0, device="cpu", quiet=True))
+    else:
+        from lipdub.train.generator import GeneratorOptions, train_generator
+
+        result = train_generator(GeneratorOptions(Path(data), Path(out), Path(expert), steps=2, batch_size=1,
+                                                  gan=True, eval_samples=1, workers=0, device="cpu", quiet=True))
+    params = {k: v.detach().clone() for k, v in result["model"].named_parameters()}
+    torch.save(params, out + f".rank{rank}")
+    dist.destroy_process_group()
+
+
+def _ddp(tmp_path, kind: str, expert=None):
+    import torch.multiprocessing as mp
+
+    from lipdub.train.common import free_port
+
+    out = tmp_path / f"{kind}.pth"
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "data_link"), str(out), kind,
+                                None if expert is None else str(expert)), nprocs=2, join=True)
+    return out
+
+
+def _check_ddp(tmp_path, out: Path) -> None:
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    assert json.loads(Path(str(out) + ".train.json").read_text())["world_size"] == 2
+    r0, r1 = (torch.load(str(out) + f".rank{r}", weights_only=True) for r in (0, 1))
+    # the ranks trained on different items, yet gradients were all-reduced: identical parameters
+    assert state_equal(r0, r1)
+    assert all(torch.equal(r0[k], ckpt["state_dict"][k]) for k in r0)
+
+
+def test_ddp_gloo_two_processes_expert(dataset, tmp_path):
+    (tmp_path / "data_link").symlink_to(dataset / "data")
+    _check_ddp(tmp_path, _ddp(tmp_path, "expert"))
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes_generator_gan(dataset, expert_ckpt, tmp_path):
+    (tmp_path / "data_link").symlink_to(dataset / "data")
+    out = _ddp(tmp_path, "generator", expert=expert_ckpt)
+    _check_ddp(tmp_path, out)
+    assert torch.load(tmp_path / "generator_disc.pth", weights_only=True)["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- logs
+
+
+def test_event_file_crc_and_round_trip(tmp_path):
+    from lipdub.train.common import Logger, crc32c, read_events
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    log = Logger(tmp_path, quiet=True)
+    log.scalars(7, {"train/loss": 0.25, "eval/accuracy": 0.875})
+    log.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    events = read_events(path)
+    assert events[0] == (0, {})
+    assert events[1] == (7, {"train/loss": 0.25, "eval/accuracy": 0.875})
+    raw = bytearray(path.read_bytes())
+    raw[-6] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="crc"):
+        read_events(path)
+
+
+# ------------------------------------------------------------------------------------ proof (reduced)
+
+
+@pytest.mark.slow
+def test_train_proof_quick(tmp_path):
+    """The reduced proof-of-learning run (benchmarks/train_proof.py --quick) end to end."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_proof.py"), "--quick", "--work",
+                           str(tmp_path / "proof")], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert 0.0 <= result["expert_val_accuracy"] <= 1.0
+    r = result["generator_matched_r"]
+    assert (r != r or -1.0 <= r <= 1.0) and result["generator_val_frames"] > 0  # NaN: a constant mouth
+    assert torch.load(tmp_path / "proof" / "wav2lip.pth", weights_only=True)["global_step"] == 4

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LipdubError
+from ..protobuf import read_varint, varint
 from .base import Face, check_frames, nms, resize_scale
 
 STRIDE = 4
@@ -32,39 +33,16 @@ STRIDE = 4
 # --------------------------------------------------------------------------------------------
 # Minimal protobuf wire-format editing (ModelProto -> GraphProto -> ValueInfoProto shapes).
 
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _fields(buf: bytes) -> list[tuple[int, int, object]]:
     """Split a protobuf message into (field number, wire type, value) triples."""
     out, i = [], 0
     while i < len(buf):
-        key, i = _read_varint(buf, i)
+        key, i = read_varint(buf, i)
         num, wire = key >> 3, key & 7
         if wire == 0:
-            value, i = _read_varint(buf, i)
+            value, i = read_varint(buf, i)
         elif wire == 2:
-            n, i = _read_varint(buf, i)
+            n, i = read_varint(buf, i)
             value, i = buf[i : i + n], i + n
         elif wire == 1:
             value, i = buf[i : i + 8], i + 8
@@ -79,11 +57,11 @@ def _fields(buf: bytes) -> list[tuple[int, int, object]]:
 def _join(fields: list[tuple[int, int, object]]) -> bytes:
     out = bytearray()
     for num, wire, value in fields:
-        out += _varint((num << 3) | wire)
+        out += varint((num << 3) | wire)
         if wire == 0:
-            out += _varint(value)
+            out += varint(value)
         elif wire == 2:
-            out += _varint(len(value)) + value
+            out += varint(len(value)) + value
         else:
             out += value
     return bytes(out)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import LipdubError
+from ..protobuf import read_varint, varint
 
 T = 5  # frames per window (the original's syncnet_T)
 IMG_SIZE = 96
@@ -169,33 +170,20 @@ def _masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _event(wall_time: float, step: int, *, file_version: str | None = None,
            scalars: dict[str, float] | None = None) -> bytes:
     """A tensorflow `Event` protobuf, encoded by hand (fields 1 wall_time, 2 step, 3 file_version, 5 summary)."""
-    msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
+    msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + varint(step)
     if file_version is not None:
         raw = file_version.encode()
-        msg += b"\x1a" + _varint(len(raw)) + raw
+        msg += b"\x1a" + varint(len(raw)) + raw
     if scalars:
         summary = b""
         for tag, value in scalars.items():
             t = tag.encode()
-            v = b"\x0a" + _varint(len(t)) + t + b"\x15" + struct.pack("<f", float(value))
-            summary += b"\x0a" + _varint(len(v)) + v
-        msg += b"\x2a" + _varint(len(summary)) + summary
+            v = b"\x0a" + varint(len(t)) + t + b"\x15" + struct.pack("<f", float(value))
+            summary += b"\x0a" + varint(len(v)) + v
+        msg += b"\x2a" + varint(len(summary)) + summary
     return msg
 
 
@@ -221,24 +209,13 @@ def read_events(path: Path) -> list[tuple[int, dict[str, float]]]:
     return out
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, pos
-
-
 def _parse_event(buf: bytes) -> tuple[int, dict[str, float]]:
     step, scalars, pos = 0, {}, 0
     while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _read_varint(buf, pos)
+            value, pos = read_varint(buf, pos)
             if field == 2:
                 step = value
         elif wire == 1:
@@ -246,7 +223,7 @@ def _parse_event(buf: bytes) -> tuple[int, dict[str, float]]:
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            n, pos = _read_varint(buf, pos)
+            n, pos = read_varint(buf, pos)
             chunk = buf[pos : pos + n]
             pos += n
             if field == 5:
@@ -257,15 +234,15 @@ def _parse_event(buf: bytes) -> tuple[int, dict[str, float]]:
 def _parse_summary(buf: bytes) -> dict[str, float]:
     out, pos = {}, 0
     while pos < len(buf):
-        _, pos = _read_varint(buf, pos)
-        n, pos = _read_varint(buf, pos)
+        _, pos = read_varint(buf, pos)
+        n, pos = read_varint(buf, pos)
         value, tag, p = buf[pos : pos + n], "", 0
         pos += n
         number = float("nan")
         while p < len(value):
-            key, p = _read_varint(value, p)
+            key, p = read_varint(value, p)
             if key == 0x0A:
-                m, p = _read_varint(value, p)
+                m, p = read_varint(value, p)
                 tag = value[p : p + m].decode()
                 p += m
             elif key == 0x15:

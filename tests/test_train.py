@@ -318,6 +318,43 @@ def test_generator_gan_resume_schedule_and_formats(dataset, expert_ckpt, tmp_pat
     assert sheets and cv2.imread(str(sheets[-1])).shape == (5 * 96, 4 * 96, 3)
 
 
+def test_bf16_resume_bit_for_bit_and_new_lr_on_resume(dataset, tmp_path):
+    """--precision bf16 keeps resume exact; --resume trains on at the --lr it is given."""
+    from lipdub.train.expert import ExpertOptions, train_expert
+
+    data = dataset / "data"
+    common = dict(batch_size=2, eval_samples=2, eval_interval=10, log_interval=1, workers=0, device="cpu",
+                  quiet=True, precision="bf16")
+    full, part = tmp_path / "full.pth", tmp_path / "part.pth"
+    train_expert(ExpertOptions(data, full, steps=2, **common))
+    train_expert(ExpertOptions(data, part, steps=1, **common))
+    train_expert(ExpertOptions(data, part, steps=2, resume=True, **common))
+    a, b = torch.load(full, weights_only=True), torch.load(part, weights_only=True)
+    assert state_equal(a["state_dict"], b["state_dict"]) and optimizer_equal(a["optimizer"], b["optimizer"])
+    assert json.loads((tmp_path / "full.pth.train.json").read_text())["precision"] == "bf16"
+    # a last stretch at a lower rate: the saved rate does not override --lr
+    train_expert(ExpertOptions(data, part, steps=3, resume=True, lr=2.5e-5, **common))
+    c = torch.load(part, weights_only=True)
+    assert c["global_step"] == 3 and [g["lr"] for g in c["optimizer"]["param_groups"]] == [2.5e-5]
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [1e-4]
+
+
+def test_sync_from_step_switches_the_sync_loss_on(dataset, expert_ckpt, tmp_path):
+    """The eval gate never opens here (an expert trained for 2 steps); --sync-from-step 2 does."""
+    from lipdub.train import generator as gen
+
+    out = tmp_path / "g.pth"
+    result = gen.train_generator(gen.GeneratorOptions(
+        dataset / "data", out, expert=expert_ckpt, steps=3, batch_size=1, eval_interval=100, eval_samples=1,
+        log_interval=1, workers=0, device="cpu", quiet=True, sync_from_step=2, precision="bf16"))
+    assert result["syncnet_wt"] == 0.01
+    csv = (tmp_path / "g_logs" / "metrics.csv").read_text().splitlines()
+    synced = sorted({int(line.split(",")[1]) for line in csv if ",train/sync," in line})
+    assert synced == [3]  # steps 1 and 2 ran before it (global step 2 = after two updates)
+    side = json.loads((tmp_path / "g.pth.train.json").read_text())
+    assert side["sync_from_step"] == 2 and side["syncnet_wt"] == 0.01
+
+
 def test_expert_is_frozen_and_in_eval_mode(expert_ckpt):
     from lipdub.models.wav2lip import Wav2Lip
     from lipdub.train.generator import expert_sync_loss, load_expert
@@ -457,9 +494,11 @@ def test_event_file_crc_and_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------ proof (reduced)
 
 
-@pytest.mark.slow
 def test_train_proof_quick(tmp_path):
-    """The reduced proof-of-learning run (benchmarks/train_proof.py --quick) end to end."""
+    """The reduced proof-of-learning run (benchmarks/train_proof.py --quick): 12 synthetic clips, a
+    200-step expert, a 4-step generator. The expert must already tell in-sync from off-sync windows
+    of held-out audio well above chance (0.5); about 0.80 here, so 0.65 leaves room for CPUs that
+    train in fp32 instead of bf16."""
     import subprocess
     import sys
 
@@ -468,7 +507,7 @@ def test_train_proof_quick(tmp_path):
                            str(tmp_path / "proof")], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
-    assert 0.0 <= result["expert_val_accuracy"] <= 1.0
-    r = result["generator_matched_r"]
-    assert (r != r or -1.0 <= r <= 1.0) and result["generator_val_frames"] > 0  # NaN: a constant mouth
+    assert result["expert_val_windows"] == 256
+    assert result["expert_val_accuracy"] >= 0.65, result
+    assert result["generator_val_frames"] > 0
     assert torch.load(tmp_path / "proof" / "wav2lip.pth", weights_only=True)["global_step"] == 4

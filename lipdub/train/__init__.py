@@ -53,6 +53,10 @@ def _common_train(p: argparse.ArgumentParser, steps: int, batch: int, interval: 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="bf16: forward passes under bfloat16 autocast, about 2x faster on CPUs with "
+                        "AVX-512 BF16/AMX and on recent GPUs (weights and losses stay fp32); "
+                        "auto: bf16 where the hardware has it natively (default fp32)")
     p.add_argument("--no-augment", action="store_true", help="no flips / colour jitter on training windows")
     p.add_argument("--quiet", action="store_true", help="no console lines")
 
@@ -66,7 +70,7 @@ def _train_expert(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples or 512, checkpoint_interval=args.checkpoint_interval,
         log_interval=args.log_interval, workers=args.workers, device=args.device, seed=args.seed,
         augment=not args.no_augment, log_dir=Path(args.log_dir) if args.log_dir else None, quiet=args.quiet,
-        threads=args.threads))
+        threads=args.threads, precision=args.precision))
     if not args.quiet:
         ev = result["eval"]
         extra = f", val loss {ev['loss']:.4f}, val accuracy {ev['accuracy']:.3f}" if ev else ""
@@ -84,7 +88,7 @@ def _train_generator(args: argparse.Namespace) -> int:
         checkpoint_interval=args.checkpoint_interval, sample_interval=args.sample_interval or args.eval_interval,
         log_interval=args.log_interval, workers=args.workers, device=args.device, seed=args.seed,
         augment=not args.no_augment, log_dir=Path(args.log_dir) if args.log_dir else None, quiet=args.quiet,
-        threads=args.threads))
+        threads=args.threads, precision=args.precision, sync_from_step=args.sync_from_step))
     if not args.quiet:
         ev = result["eval"]
         extra = f", val L1 {ev['l1']:.4f}, val sync loss {ev['sync']:.4f}" if ev else ""
@@ -126,6 +130,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--expert", required=True, help="trained expert checkpoint (syncnet_color)")
     g.add_argument("--gan", action="store_true", help="with the visual-quality discriminator (hq_wav2lip_train)")
     g.add_argument("--disc-lr", type=float, default=1e-4, help="discriminator learning rate (default 1e-4)")
+    g.add_argument("--sync-from-step", type=int, default=None, metavar="N",
+                   help="switch the expert sync loss on at step N even if the eval sync loss is still >= 0.75 "
+                        "(default: the original schedule only)")
     g.add_argument("--sample-interval", type=int, default=None, help="steps between sample sheets (default: eval interval)")
     g.set_defaults(handler=_train_generator)
 

@@ -66,6 +66,19 @@ def load_training_checkpoint(path: Path, kind: str) -> dict:
     return raw
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict | None, lr: float) -> None:
+    """Restore Adam's moments from a checkpoint but train on at the `--lr` of this run.
+
+    The saved param_groups carry the learning rate of the run that wrote them; keeping it would
+    silently ignore `--lr` on `--resume` (so no lowering the rate for a last stretch).
+    A resume at the same `--lr` stays bit for bit.
+    """
+    if state is not None:
+        optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
@@ -91,6 +104,38 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     elif name not in ("cpu", "mps"):
         raise LipdubError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)")
     return torch.device(name)
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """'auto' -> bf16 where the hardware does bf16 natively (CUDA with bf16, CPUs with AVX-512 BF16
+    or AMX), else fp32: emulated bf16 on older CPUs is slower than fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "fp32"
+        return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward-pass context for `--precision`: bf16 autocast roughly halves a training step on
+    CPUs with AVX-512 BF16 / AMX (measured 0.80 -> 0.42 s for 10 generator faces on this project's
+    2-core machine) and on recent GPUs; weights, optimizer state and losses stay in fp32."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise LipdubError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
 
 
 @dataclass

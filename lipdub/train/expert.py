@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from .common import (
-    Dist, Logger, default_log_dir, init_distributed, load_training_checkpoint, pick_device, save_checkpoint,
-    sidecar, write_json_atomic,
+    Dist, Logger, autocast, default_log_dir, init_distributed, load_optimizer_state, load_training_checkpoint,
+    pick_device, resolve_precision, save_checkpoint, sidecar, write_json_atomic,
 )
 from .data import ExpertDataset, FixedBatches, StepBatches
 
@@ -43,6 +43,7 @@ class ExpertOptions:
     log_dir: Path | None = None
     quiet: bool = False
     threads: int = 0
+    precision: str = "fp32"
 
 
 def sync_loss(audio_emb: torch.Tensor, face_emb: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,7 @@ def evaluate_expert(model: SyncNetColor, dataset: ExpertDataset, n: int, batch_s
 def train_expert(opts: ExpertOptions) -> dict:
     dist_info = init_distributed(opts.device)
     device = pick_device(opts.device, dist_info.local_rank)
+    precision = resolve_precision(device, opts.precision)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.steps < 0:
@@ -95,8 +97,7 @@ def train_expert(opts: ExpertOptions) -> dict:
             raise LipdubError(f"--resume: no checkpoint at {output}")
         ckpt = load_training_checkpoint(output, "syncnet_color")
         model.load_state_dict(ckpt["state_dict"], strict=True)
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt.get("optimizer"), opts.lr)
         step, epoch = int(ckpt["global_step"]), int(ckpt["global_epoch"])
     net = model
     if dist_info.enabled:
@@ -105,7 +106,7 @@ def train_expert(opts: ExpertOptions) -> dict:
     log = Logger(opts.log_dir or default_log_dir(output), enabled=dist_info.main, quiet=opts.quiet)
     log.print(f"expert: {len(train_set.index.clips)} train clips ({train_set.index.n_windows} windows), "
               f"{len(val_set.index.clips) if val_set else 0} val clips; step {step} -> {opts.steps}; "
-              f"batch {opts.batch_size} x {dist_info.world} process(es) on {device}")
+              f"batch {opts.batch_size} x {dist_info.world} process(es) on {device}, {precision}")
     per_step = opts.batch_size * dist_info.world
     last_eval: dict = {}
     sums, count, started = {"loss": 0.0, "accuracy": 0.0}, 0, time.perf_counter()
@@ -115,8 +116,8 @@ def train_expert(opts: ExpertOptions) -> dict:
             save_checkpoint(output, model, optimizer, step, epoch)
             write_json_atomic(sidecar(output), {"kind": "expert", "global_step": step, "seed": opts.seed,
                                                 "batch_size": opts.batch_size, "lr": opts.lr,
-                                                "world_size": dist_info.world, "data_dir": str(opts.data_dir),
-                                                "eval": last_eval})
+                                                "precision": precision, "world_size": dist_info.world,
+                                                "data_dir": str(opts.data_dir), "eval": last_eval})
 
     def run_eval() -> None:
         nonlocal last_eval
@@ -129,7 +130,9 @@ def train_expert(opts: ExpertOptions) -> dict:
     for x, mel, y in loader:
         net.train()
         x, mel, y = x.to(device), mel.to(device), y.to(device)
-        a, v = net(mel, x)
+        with autocast(device, precision):
+            a, v = net(mel, x)
+        a, v = a.float(), v.float()
         loss = sync_loss(a, v, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -5,6 +5,10 @@ As the original (`wav2lip_train.py`, and `hq_wav2lip_train.py` with `--gan`):
 * loss = sync_wt * sync + disc_wt * perceptual + (1 - sync_wt - disc_wt) * L1;
 * sync_wt starts at 0 and becomes 0.01 (0.03 with `--gan`) for good once the mean sync loss of
   the generated val frames, measured at an evaluation, drops below 0.75;
+* `--sync-from-step N` (not in the original; off by default) switches the sync loss on at
+  global step N whatever the evaluation says. On real footage the original's gate opens late
+  (users report about 280k steps, primepake/wav2lip_288x288#34; Rudrabha/Wav2Lip#61 asks for
+  exactly this switch); with it a fine-tuning run can use the expert from its first step;
 * disc_wt = 0.07 with `--gan` (else 0); the discriminator learns BCE real-vs-generated on the
   ground-truth and generated faces after each generator step;
 * Adam at 1e-4 (betas 0.5, 0.999 with `--gan`, the PyTorch default without, as the originals).
@@ -34,8 +38,8 @@ from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from ..models.wav2lip import Wav2Lip, Wav2LipDiscQual
 from .common import (
-    Logger, broadcast_float, default_log_dir, init_distributed, load_training_checkpoint, pick_device,
-    save_checkpoint, sidecar, write_json_atomic,
+    Logger, autocast, broadcast_float, default_log_dir, init_distributed, load_optimizer_state,
+    load_training_checkpoint, pick_device, resolve_precision, save_checkpoint, sidecar, write_json_atomic,
 )
 from .data import FixedBatches, GeneratorDataset, StepBatches
 
@@ -66,6 +70,8 @@ class GeneratorOptions:
     log_dir: Path | None = None
     quiet: bool = False
     threads: int = 0
+    precision: str = "fp32"
+    sync_from_step: int | None = None
 
 
 def disc_path(output: Path) -> Path:
@@ -86,11 +92,12 @@ def load_expert(path: Path, device) -> SyncNetColor:
     return expert
 
 
-def expert_sync_loss(expert: SyncNetColor, mel: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def expert_sync_loss(expert: SyncNetColor, mel: torch.Tensor, g: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Sync loss of generated windows g (B, 3, T, 96, 96) against their mel window: BCE(cos, 1)."""
     assert not expert.training, "the expert must judge in eval mode"
-    a, v = expert(mel, SyncNetColor.face_input(g))
-    d = F.cosine_similarity(a, v).clamp(0.0, 1.0)
+    with autocast(g.device, precision):
+        a, v = expert(mel, SyncNetColor.face_input(g))
+    d = F.cosine_similarity(a.float(), v.float()).clamp(0.0, 1.0)
     return F.binary_cross_entropy(d.unsqueeze(1), torch.ones_like(d).unsqueeze(1))
 
 
@@ -144,6 +151,7 @@ def evaluate_generator(model, expert, disc, dataset, n: int, batch_size: int, de
 def train_generator(opts: GeneratorOptions) -> dict:
     dist_info = init_distributed(opts.device)
     device = pick_device(opts.device, dist_info.local_rank)
+    precision = resolve_precision(device, opts.precision)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.steps < 0:
@@ -174,8 +182,7 @@ def train_generator(opts: GeneratorOptions) -> dict:
             raise LipdubError(f"--resume: no checkpoint at {output}")
         ckpt = load_training_checkpoint(output, "wav2lip")
         model.load_state_dict(ckpt["state_dict"], strict=True)
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt.get("optimizer"), opts.lr)
         step, epoch = int(ckpt["global_step"]), int(ckpt["global_epoch"])
         if sidecar(output).is_file():
             sync_wt = float(json.loads(sidecar(output).read_text()).get("syncnet_wt", 0.0))
@@ -184,8 +191,7 @@ def train_generator(opts: GeneratorOptions) -> dict:
                 raise LipdubError(f"--resume --gan: no discriminator checkpoint at {disc_path(output)}")
             dck = load_training_checkpoint(disc_path(output), "wav2lip_disc_qual")
             disc.load_state_dict(dck["state_dict"], strict=True)
-            if dck.get("optimizer") is not None:
-                disc_optimizer.load_state_dict(dck["optimizer"])
+            load_optimizer_state(disc_optimizer, dck.get("optimizer"), opts.disc_lr)
     net, dnet = model, disc
     if dist_info.enabled:
         ids = [device.index] if device.type == "cuda" else None
@@ -193,12 +199,13 @@ def train_generator(opts: GeneratorOptions) -> dict:
         if disc is not None:
             dnet = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
     disc_wt = DISC_WT if opts.gan else 0.0
+    on_weight = 0.03 if opts.gan else 0.01  # the sync weight once switched on
 
     log_dir = Path(opts.log_dir or default_log_dir(output))
     log = Logger(log_dir, enabled=dist_info.main, quiet=opts.quiet)
     log.print(f"generator: {len(train_set.index.clips)} train clips ({train_set.index.n_windows} windows), "
               f"{len(val_set.index.clips) if val_set else 0} val clips; step {step} -> {opts.steps}; "
-              f"batch {opts.batch_size} x {dist_info.world} process(es) on {device}; gan {opts.gan}; "
+              f"batch {opts.batch_size} x {dist_info.world} process(es) on {device}, {precision}; gan {opts.gan}; "
               f"sync weight {sync_wt}")
     if val_set is None:
         log.print("generator: no val clips: no evaluation, and the sync loss stays off (its schedule needs them)")
@@ -216,6 +223,7 @@ def train_generator(opts: GeneratorOptions) -> dict:
         write_json_atomic(sidecar(output), {"kind": "generator", "global_step": step, "syncnet_wt": sync_wt,
                                             "disc_wt": disc_wt, "gan": opts.gan, "seed": opts.seed,
                                             "batch_size": opts.batch_size, "lr": opts.lr,
+                                            "precision": precision, "sync_from_step": opts.sync_from_step,
                                             "world_size": dist_info.world, "expert": str(opts.expert),
                                             "data_dir": str(opts.data_dir), "eval": last_eval})
 
@@ -228,7 +236,7 @@ def train_generator(opts: GeneratorOptions) -> dict:
             last_eval, first = evaluate_generator(model, expert, disc, val_set, opts.eval_samples,
                                                   opts.batch_size, device, opts.workers)
             if scheduled and last_eval["sync"] < SYNC_THRESHOLD and sync_wt == 0.0:
-                sync_wt = 0.03 if opts.gan else 0.01
+                sync_wt = on_weight
                 log.print(f"generator: eval sync loss {last_eval['sync']:.3f} < {SYNC_THRESHOLD}: "
                           f"sync loss weight now {sync_wt}")
             log.scalars(step, {f"eval/{k}": v for k, v in last_eval.items()} | {"eval/syncnet_wt": sync_wt},
@@ -242,19 +250,26 @@ def train_generator(opts: GeneratorOptions) -> dict:
                                                              dist_info.world),
                         num_workers=opts.workers, prefetch_factor=4 if opts.workers else None)
     for x, indiv, mel, gt in loader:
+        if opts.sync_from_step is not None and step >= opts.sync_from_step and sync_wt == 0.0:
+            sync_wt = on_weight
+            log.print(f"generator: step {step} >= --sync-from-step {opts.sync_from_step}: "
+                      f"sync loss weight now {sync_wt}")
         net.train()
         x, indiv, mel, gt = x.to(device), indiv.to(device), mel.to(device), gt.to(device)
-        g = net(indiv, x)
+        with autocast(device, precision):
+            g = net(indiv, x)
+        g = g.float()
         l1 = F.l1_loss(g, gt)
         loss = (1.0 - sync_wt - disc_wt) * l1
         metrics = {"l1": l1.item()}
         if sync_wt > 0:
-            s_loss = expert_sync_loss(expert, mel, g)
+            s_loss = expert_sync_loss(expert, mel, g, precision)
             loss = loss + sync_wt * s_loss
             metrics["sync"] = s_loss.item()
         if disc is not None:
             disc.train()
-            fake_pred = disc(g)  # unwrapped: its gradients are discarded below, not all-reduced
+            with autocast(device, precision):
+                fake_pred = disc(g).float()  # unwrapped: its gradients are discarded below, not all-reduced
             perceptual = F.binary_cross_entropy(fake_pred, torch.ones_like(fake_pred))
             loss = loss + disc_wt * perceptual
             metrics["perceptual"] = perceptual.item()
@@ -263,7 +278,8 @@ def train_generator(opts: GeneratorOptions) -> dict:
         optimizer.step()
         if disc is not None:
             disc_optimizer.zero_grad(set_to_none=True)
-            pred = dnet(torch.cat([gt, g.detach()], dim=0))
+            with autocast(device, precision):
+                pred = dnet(torch.cat([gt, g.detach()], dim=0)).float()
             real, fake = _disc_split(pred, gt.size(0))
             d_real = F.binary_cross_entropy(real, torch.ones_like(real))
             d_fake = F.binary_cross_entropy(fake, torch.zeros_like(fake))

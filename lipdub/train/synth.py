@@ -14,8 +14,12 @@ training needs: the mouth moves with the sound, and nothing else in the picture 
   draw from different recordings / parts of recordings and different babble seeds, so the val
   set has held-out audio.
 * Mouth: per video frame, the opening is the loudness of the 250..4000 Hz band in a 60 ms
-  window centred on the frame's time (in dB, mapped 0..1), and the width follows the balance of
-  high to low band energy (spread vs rounded).
+  window centred 20 ms after the frame's time (in dB, mapped 0..1; lips move ahead of the
+  sound they make; no smoothing across frames, so each frame's opening is decided by audio inside
+  the mel window that frame is paired with), and the width follows the balance of high to low
+  band energy (spread vs rounded). The opening is drawn large (up to 0.8 of the mouth width)
+  and near-black, and grows downwards only (the jaw drops, the upper lip stays): an open mouth
+  never reaches into the upper half of the crop that the generator sees unmasked.
 
 Clips are written as ordinary mp4 files (H.264 + AAC) under ``OUT/train`` and ``OUT/val`` and go
 through `lipdub preprocess` like real footage. `mouth_opening()` measures the opening back from
@@ -34,6 +38,7 @@ import numpy as np
 from ..errors import LipdubError
 
 SR = 16000
+MOUTH_LEAD = 0.02  # seconds the mouth shape runs ahead of the sound
 FACE_WIDTH = 100  # face-box width of the stored face textures, pixels
 
 # (file, frame index for videos, face index from the left)
@@ -150,18 +155,23 @@ def draw_mouth(tex: FaceTexture, opening: float, spread: float) -> np.ndarray:
     w = tex.mouth_width * spread
     cx, cy = tex.mouth
     half_w = 0.55 * w
-    gap = opening * 0.42 * tex.mouth_width  # height of the dark opening
-    lip_h = 0.11 * tex.mouth_width
-    center = (int(round(cx * 4)), int(round((cy + 0.5 * gap * 0.3) * 4)))
+    gap = opening * 0.8 * tex.mouth_width  # height of the dark opening
+    lip_h = 0.09 * tex.mouth_width
+    # The upper lip stays where it is and the jaw drops: the mouth grows downwards only, so an
+    # open mouth never shows above the mouth line (the generator's input mask hides the lower
+    # half; a mouth that grew upwards would leak its opening into the visible upper half).
+    a = np.radians(tex.angle)
+    mx, my = cx - np.sin(a) * gap / 2, cy + np.cos(a) * gap / 2
     shift = 2  # cv2 fixed-point: coordinates times 4
+    center = (int(round(mx * 4)), int(round(my * 4)))
     outer = (int(round(half_w * 4)), int(round((lip_h + gap / 2) * 4)))
     cv2.ellipse(img, center, outer, tex.angle, 0, 360, tex.lip, -1, cv2.LINE_AA, shift)
     if gap > 0.5:
         inner = (int(round(half_w * 0.82 * 4)), int(round(gap / 2 * 4)))
         cv2.ellipse(img, center, inner, tex.angle, 0, 360, (30, 18, 40), -1, cv2.LINE_AA, shift)
-        if opening > 0.35:  # upper teeth
+        if opening > 0.35:  # upper teeth, just under the upper lip
             teeth = (int(round(half_w * 0.5 * 4)), int(round(gap * 0.09 * 4)))
-            tc = (center[0], int(round((cy + 0.5 * gap * 0.3 - gap * 0.4) * 4)))
+            tc = (int(round((mx + np.sin(a) * gap * 0.4) * 4)), int(round((my - np.cos(a) * gap * 0.4) * 4)))
             cv2.ellipse(img, tc, teeth, tex.angle, 0, 360, (215, 225, 230), -1, cv2.LINE_AA, shift)
     else:
         x0, x1 = cx - half_w * 0.9, cx + half_w * 0.9
@@ -271,8 +281,8 @@ def make_audio(rng: np.random.Generator, seconds: float, pool: list[np.ndarray])
     return np.clip(out, -0.99, 0.99)
 
 
-def mouth_track(wav: np.ndarray, fps: float, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """(opening 0..1, spread) per video frame from the speech band energy around each frame's time."""
+def mouth_track(wav: np.ndarray, fps: float, n_frames: int, lead: float = MOUTH_LEAD) -> tuple[np.ndarray, np.ndarray]:
+    """(opening 0..1, spread) per video frame from the speech band energy `lead` s after each frame's time."""
     half = int(0.03 * SR)
     window = np.hanning(2 * half)
     freqs = np.fft.rfftfreq(2 * half, 1 / SR)
@@ -282,14 +292,12 @@ def mouth_track(wav: np.ndarray, fps: float, n_frames: int) -> tuple[np.ndarray,
     opening = np.zeros(n_frames)
     spread = np.ones(n_frames)
     for i in range(n_frames):
-        c = int(round(i / fps * SR)) + half
+        c = int(round((i / fps + lead) * SR)) + half
         spec = np.abs(np.fft.rfft(padded[c - half : c + half] * window)) ** 2
         e_low, e_high = spec[low].sum() + 1e-10, spec[high].sum() + 1e-10
         db = 10 * np.log10((e_low + e_high) / (2 * half) ** 2 * 4)
         opening[i] = np.clip((db + 52) / 32, 0, 1)
         spread[i] = 0.85 + 0.3 / (1 + np.exp(-1.5 * np.log10(e_high / e_low) - 0.8))
-    kernel = np.array([0.25, 0.5, 0.25])
-    opening = np.convolve(np.pad(opening, 1, mode="edge"), kernel, mode="valid")
     return opening, spread
 
 
@@ -344,9 +352,9 @@ def render_clip(tex: FaceTexture, rng: np.random.Generator, opening: np.ndarray,
             out += amp / 2 * np.sin(2 * np.pi * rng.uniform(0.08, 0.5) * t + rng.uniform(0, 2 * np.pi))
         return out
 
-    dx, dy = wave(0.06 * size), wave(0.05 * size)
-    rot, zoom = wave(7.0), 1 + wave(0.06)
-    bg_vx, bg_vy = rng.uniform(-0.4, 0.4, 2) * size / 4 / max(t[-1], 1e-3)
+    dx, dy = wave(0.03 * size), wave(0.025 * size)
+    rot, zoom = wave(4.0), 1 + wave(0.03)
+    bg_vx, bg_vy = rng.uniform(-0.2, 0.2, 2) * size / 4 / max(t[-1], 1e-3)
     cx0, cy0 = size / 2 + rng.uniform(-0.05, 0.05) * size, size / 2 + rng.uniform(-0.02, 0.06) * size
     frames = []
     for i in range(n):

@@ -5,7 +5,7 @@
 On CPU (2 cores, bf16) the default run takes about 28 minutes. It uses only the library calls
 behind `lipdub synth`, `lipdub preprocess` and `lipdub train expert|generator`, and prints:
 
-* the expert's held-out sync accuracy: val clips (faces and audio never trained on), balanced
+* the expert's held-out sync accuracy: val clips (audio never trained on), balanced
   in-sync / off-sync (>= 5 frames away) windows; chance is 50 %, target >= 90 %;
 * the generator's mouth-opening correlation on the val clips (held-out audio): the opening
   measured in each generated face against the one in the true face (per-clip mean removed,

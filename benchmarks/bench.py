@@ -12,23 +12,18 @@ passes over the face video; detect runs on a stride of frames at <= 480 px).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import wave
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LIPDUB_SHARED", ROOT.parent / "shared"))
-MEDIA = SHARED / "media"
-CACHE = Path(tempfile.gettempdir()) / "lipdub-bench"
+from bench_common import CACHE, MEDIA, cached, spec_module
 
 CASES = {
     "v3-box": dict(face="v3_woman_glasses_524x524_25fps.mp4", box=(150, 450, 110, 410)),
@@ -41,15 +36,7 @@ STAGES = ("decode", "detect", "generate", "blend", "restore", "encode")
 
 def checkpoint() -> Path:
     """Rule-A generator weights in the official format, made once."""
-    path = CACHE / "wav2lip_rule_a.pth"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        spec = importlib.util.spec_from_file_location("fill_rule_a", SHARED / "specs" / "fill_rule_a.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.save_official_checkpoint("wav2lip", str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
-    return path
+    return cached("wav2lip_rule_a.pth", lambda tmp: spec_module("fill_rule_a").save_official_checkpoint("wav2lip", tmp))
 
 
 def speech(seconds: float) -> Path:

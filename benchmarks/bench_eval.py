@@ -9,19 +9,12 @@ the seconds per step. Rule-B weights cost exactly what the released syncnet_v2.m
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
 import resource
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LIPDUB_SHARED", ROOT.parent / "shared"))
-MEDIA = SHARED / "media"
-CACHE = Path(tempfile.gettempdir()) / "lipdub-bench"
+from bench_common import MEDIA, cached, spec_module, spec_schema
+
 CLIPS = {
     "v1": "v1_man_frontal_vfr_700x700.mp4",
     "v3": "v3_woman_glasses_524x524_25fps.mp4",
@@ -32,18 +25,12 @@ CLIPS = {
 
 def syncnet_checkpoint() -> Path:
     """Rule-B SyncNet v2 weights saved as the released syncnet_v2.model is (a bare state dict), made once."""
-    path = CACHE / "syncnet_v2_rule_b.model"
-    if not path.exists():
+    def write(tmp: str) -> None:
         import torch
 
-        CACHE.mkdir(parents=True, exist_ok=True)
-        spec = importlib.util.spec_from_file_location("fill_rule_b", SHARED / "specs" / "fill_rule_b.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        schema = json.loads((SHARED / "specs" / "syncnet_v2_state_dict.json").read_text())
-        torch.save(module.fill_state_dict(schema), str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
-    return path
+        torch.save(spec_module("fill_rule_b").fill_state_dict(spec_schema("syncnet_v2")), tmp)
+
+    return cached("syncnet_v2_rule_b.model", write)
 
 
 def main() -> None:

@@ -12,9 +12,7 @@ released GFPGANv1.4.pth weights cost: same network, same shapes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,9 +22,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("LIPDUB_SHARED", ROOT.parent / "shared"))
-MEDIA = SHARED / "media"
-CACHE = Path(tempfile.gettempdir()) / "lipdub-bench"
+from bench_common import MEDIA, cached, spec_module, spec_schema  # noqa: E402
+
 CLIPS = {
     "v3": "v3_woman_glasses_524x524_25fps.mp4",
     "v4": "v4_man_halfbody_hevc_1080x1920_25fps.mp4",
@@ -35,19 +32,13 @@ CLIPS = {
 
 def gfpgan_checkpoint() -> Path:
     """Rule-B GFPGANv1Clean weights saved as the released files are ({"params_ema": ...}), made once."""
-    path = CACHE / "gfpgan_rule_b.pth"
-    if not path.exists():
+    def write(tmp: str) -> None:
         import torch
 
-        CACHE.mkdir(parents=True, exist_ok=True)
-        spec = importlib.util.spec_from_file_location("fill_rule_b", SHARED / "specs" / "fill_rule_b.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        schema = json.loads((SHARED / "specs" / "gfpganv1_clean_state_dict.json").read_text())
-        state = module.fill_state_dict(schema, module.GFPGAN_OVERRIDES)
-        torch.save({"params_ema": state}, str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
-    return path
+        fill = spec_module("fill_rule_b")
+        torch.save({"params_ema": fill.fill_state_dict(spec_schema("gfpganv1_clean"), fill.GFPGAN_OVERRIDES)}, tmp)
+
+    return cached("gfpgan_rule_b.pth", write)
 
 
 def network_time(stage, batch_size: int, repeats: int = 2) -> dict[str, float]:

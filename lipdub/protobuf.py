@@ -1,6 +1,6 @@
-"""Protobuf varints, the one piece of the wire format we write by hand (ONNX shape edits in
+"""The bits of the protobuf wire format we handle by hand (ONNX shape edits in
 faces/centerface.py, TensorBoard event files in train/common.py) instead of depending on the
-protobuf/onnx/tensorboard packages."""
+protobuf/onnx/tensorboard packages: varints and splitting a message into its fields."""
 from __future__ import annotations
 
 
@@ -28,3 +28,25 @@ def varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def fields(buf: bytes) -> list[tuple[int, int, object]]:
+    """Split a protobuf message into (field number, wire type, value) triples: an int for
+    varints, the raw bytes for the other wire types (length-delimited, 64-bit, 32-bit)."""
+    out, i = [], 0
+    while i < len(buf):
+        key, i = read_varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = read_varint(buf, i)
+        elif wire == 2:
+            n, i = read_varint(buf, i)
+            value, i = buf[i : i + n], i + n
+        elif wire == 1:
+            value, i = buf[i : i + 8], i + 8
+        elif wire == 5:
+            value, i = buf[i : i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        out.append((num, wire, value))
+    return out

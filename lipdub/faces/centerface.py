@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LipdubError
-from ..protobuf import read_varint, varint
+from ..protobuf import fields, varint
 from .base import Face, check_frames, nms, resize_scale
 
 STRIDE = 4
@@ -33,30 +33,9 @@ STRIDE = 4
 # --------------------------------------------------------------------------------------------
 # Minimal protobuf wire-format editing (ModelProto -> GraphProto -> ValueInfoProto shapes).
 
-def _fields(buf: bytes) -> list[tuple[int, int, object]]:
-    """Split a protobuf message into (field number, wire type, value) triples."""
-    out, i = [], 0
-    while i < len(buf):
-        key, i = read_varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = read_varint(buf, i)
-        elif wire == 2:
-            n, i = read_varint(buf, i)
-            value, i = buf[i : i + n], i + n
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        out.append((num, wire, value))
-    return out
-
-
-def _join(fields: list[tuple[int, int, object]]) -> bytes:
+def _join(parts: list[tuple[int, int, object]]) -> bytes:
     out = bytearray()
-    for num, wire, value in fields:
+    for num, wire, value in parts:
         out += varint((num << 3) | wire)
         if wire == 0:
             out += varint(value)
@@ -68,22 +47,22 @@ def _join(fields: list[tuple[int, int, object]]) -> bytes:
 
 
 def _name(message: bytes, field: int) -> bytes:
-    return next((v for n, w, v in _fields(message) if n == field and w == 2), b"")
+    return next((v for n, w, v in fields(message) if n == field and w == 2), b"")
 
 
 def _symbolic_shape(value_info: bytes, tag: bytes) -> bytes:
     """ValueInfoProto with dims 0, 2, 3 of its 4-D tensor type replaced by symbols (batch, height, width)."""
     symbols = {0: b"batch", 2: b"height", 3: b"width"}
     out = []
-    for num, wire, value in _fields(value_info):
+    for num, wire, value in fields(value_info):
         if num == 2 and wire == 2:  # TypeProto
             type_fields = []
-            for tn, tw, tv in _fields(value):
+            for tn, tw, tv in fields(value):
                 if tn == 1 and tw == 2:  # TypeProto.Tensor
                     tensor_fields = []
-                    for sn, sw, sv in _fields(tv):
+                    for sn, sw, sv in fields(tv):
                         if sn == 2 and sw == 2:  # TensorShapeProto
-                            dims = [d for d in _fields(sv) if d[0] == 1]
+                            dims = [d for d in fields(sv) if d[0] == 1]
                             new_dims = []
                             for k, (_, dw, dv) in enumerate(dims):
                                 if len(dims) == 4 and k in symbols:
@@ -101,12 +80,12 @@ def _symbolic_shape(value_info: bytes, tag: bytes) -> bytes:
 def make_dynamic(model: bytes) -> bytes:
     """Rewrite an ONNX model: symbolic batch/height/width on the graph's data inputs and outputs,
     weights removed from the graph inputs, and the (fixed-size) intermediate value_info dropped."""
-    fields = _fields(model)
-    ir_version = next((v for n, w, v in fields if n == 1 and w == 0), 0)
+    top = fields(model)
+    ir_version = next((v for n, w, v in top if n == 1 and w == 0), 0)
     out = []
-    for num, wire, value in fields:
+    for num, wire, value in top:
         if num == 7 and wire == 2:  # GraphProto
-            graph = _fields(value)
+            graph = fields(value)
             weights = {_name(v, 8) for n, w, v in graph if n == 5 and w == 2}  # initializer names
             new_graph = []
             for gn, gw, gv in graph:

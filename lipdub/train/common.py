@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import LipdubError
-from ..protobuf import read_varint, varint
+from ..protobuf import fields, varint
 
 T = 5  # frames per window (the original's syncnet_T)
 IMG_SIZE = 96
@@ -255,46 +255,26 @@ def read_events(path: Path) -> list[tuple[int, dict[str, float]]]:
 
 
 def _parse_event(buf: bytes) -> tuple[int, dict[str, float]]:
-    step, scalars, pos = 0, {}, 0
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = read_varint(buf, pos)
-            if field == 2:
-                step = value
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            n, pos = read_varint(buf, pos)
-            chunk = buf[pos : pos + n]
-            pos += n
-            if field == 5:
-                scalars.update(_parse_summary(chunk))
+    step, scalars = 0, {}
+    for num, wire, value in fields(buf):
+        if (num, wire) == (2, 0):
+            step = value
+        elif (num, wire) == (5, 2):
+            scalars.update(_parse_summary(value))
     return step, scalars
 
 
 def _parse_summary(buf: bytes) -> dict[str, float]:
-    out, pos = {}, 0
-    while pos < len(buf):
-        _, pos = read_varint(buf, pos)
-        n, pos = read_varint(buf, pos)
-        value, tag, p = buf[pos : pos + n], "", 0
-        pos += n
-        number = float("nan")
-        while p < len(value):
-            key, p = read_varint(value, p)
-            if key == 0x0A:
-                m, p = read_varint(value, p)
-                tag = value[p : p + m].decode()
-                p += m
-            elif key == 0x15:
-                number = struct.unpack_from("<f", value, p)[0]
-                p += 4
+    out = {}
+    for _, _, value in fields(buf):
+        tag, number = "", float("nan")
+        for num, wire, v in fields(value):
+            if (num, wire) == (1, 2):
+                tag = v.decode()
+            elif (num, wire) == (2, 5):
+                number = struct.unpack("<f", v)[0]
             else:
-                raise ValueError(f"unexpected summary field {key}")
+                raise ValueError(f"unexpected summary field {(num << 3) | wire}")
         out[tag] = number
     return out
 

@@ -61,16 +61,21 @@ def _common_train(p: argparse.ArgumentParser, steps: int, batch: int, interval: 
     p.add_argument("--quiet", action="store_true", help="no console lines")
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    """The flags of `_common_train` that map onto `RunOptions`, shared by both trainers."""
+    return dict(lr=args.lr, resume=args.resume, log_interval=args.log_interval, workers=args.workers,
+                device=args.device, seed=args.seed, augment=not args.no_augment,
+                log_dir=Path(args.log_dir) if args.log_dir else None, quiet=args.quiet, threads=args.threads,
+                precision=args.precision)
+
+
 def _train_expert(args: argparse.Namespace) -> int:
     from .expert import ExpertOptions, train_expert
 
     result = train_expert(ExpertOptions(
-        data_dir=Path(args.data_dir), output=Path(args.output), steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, resume=args.resume, eval_interval=args.eval_interval,
-        eval_samples=args.eval_samples or 512, checkpoint_interval=args.checkpoint_interval,
-        log_interval=args.log_interval, workers=args.workers, device=args.device, seed=args.seed,
-        augment=not args.no_augment, log_dir=Path(args.log_dir) if args.log_dir else None, quiet=args.quiet,
-        threads=args.threads, precision=args.precision))
+        Path(args.data_dir), Path(args.output), steps=args.steps, batch_size=args.batch_size,
+        eval_interval=args.eval_interval, eval_samples=args.eval_samples or 512,
+        checkpoint_interval=args.checkpoint_interval, **_run_options(args)))
     if not args.quiet:
         ev = result["eval"]
         extra = f", val loss {ev['loss']:.4f}, val accuracy {ev['accuracy']:.3f}" if ev else ""
@@ -82,13 +87,10 @@ def _train_generator(args: argparse.Namespace) -> int:
     from .generator import GeneratorOptions, train_generator
 
     result = train_generator(GeneratorOptions(
-        data_dir=Path(args.data_dir), output=Path(args.output), expert=Path(args.expert), steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, disc_lr=args.disc_lr, gan=args.gan, resume=args.resume,
-        eval_interval=args.eval_interval, eval_samples=args.eval_samples or 64,
+        Path(args.data_dir), Path(args.output), Path(args.expert), steps=args.steps, batch_size=args.batch_size,
+        disc_lr=args.disc_lr, gan=args.gan, eval_interval=args.eval_interval, eval_samples=args.eval_samples or 64,
         checkpoint_interval=args.checkpoint_interval, sample_interval=args.sample_interval or args.eval_interval,
-        log_interval=args.log_interval, workers=args.workers, device=args.device, seed=args.seed,
-        augment=not args.no_augment, log_dir=Path(args.log_dir) if args.log_dir else None, quiet=args.quiet,
-        threads=args.threads, precision=args.precision, sync_from_step=args.sync_from_step))
+        sync_from_step=args.sync_from_step, **_run_options(args)))
     if not args.quiet:
         ev = result["eval"]
         extra = f", val L1 {ev['l1']:.4f}, val sync loss {ev['sync']:.4f}" if ev else ""

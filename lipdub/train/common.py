@@ -31,6 +31,27 @@ T = 5  # frames per window (the original's syncnet_T)
 IMG_SIZE = 96
 
 
+# -------------------------------------------------------------------------------------- options
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """The settings `train expert` and `train generator` share (keyword-only, so each trainer's
+    own fields, data set and output first, stay positional)."""
+
+    lr: float = 1e-4
+    resume: bool = False
+    log_interval: int = 50
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    augment: bool = True
+    log_dir: Path | None = None
+    quiet: bool = False
+    threads: int = 0
+    precision: str = "fp32"
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 

@@ -18,32 +18,21 @@ from torch.utils.data import DataLoader
 from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from .common import (
-    Dist, Logger, autocast, default_log_dir, init_distributed, load_optimizer_state, load_training_checkpoint,
+    Dist, Logger, RunOptions, autocast, default_log_dir, init_distributed, load_optimizer_state, load_training_checkpoint,
     pick_device, resolve_precision, save_checkpoint, sidecar, write_json_atomic,
 )
 from .data import ExpertDataset, FixedBatches, StepBatches
 
 
 @dataclass
-class ExpertOptions:
+class ExpertOptions(RunOptions):
     data_dir: Path
     output: Path
     steps: int = 10000
     batch_size: int = 64
-    lr: float = 1e-4
-    resume: bool = False
     eval_interval: int = 1000
     eval_samples: int = 512
     checkpoint_interval: int = 1000
-    log_interval: int = 50
-    workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    augment: bool = True
-    log_dir: Path | None = None
-    quiet: bool = False
-    threads: int = 0
-    precision: str = "fp32"
 
 
 def sync_loss(audio_emb: torch.Tensor, face_emb: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

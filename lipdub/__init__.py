@@ -2,17 +2,34 @@
 
     import lipdub
     lipdub.sync("talk.mp4", "speech.wav", "dubbed.mp4")
+
+The library API: `sync` (lip-sync), `restore_video` (GFPGAN), `evaluate` (LSE-D / LSE-C),
+`SyncOptions` (every run option). They load on first use, so `import lipdub` stays light.
 """
+from __future__ import annotations
+
 from .errors import LipdubError
+from .options import SyncOptions
 
 __version__ = "0.1.0"
 
 
-def sync(face, audio, output, **options):
-    """Lip-sync `face` (video or image) to `audio` and write an mp4; see lipdub.pipeline.SyncOptions."""
-    from .pipeline import sync as _sync
+def __getattr__(name: str):
+    # Deferred (PEP 562): the job modules pull in torch, OpenCV and PyAV, which `import lipdub`
+    # and `lipdub --help` do not need.
+    if name in ("sync", "SyncResult"):
+        from . import pipeline
 
-    return _sync(face, audio, output, **options)
+        return getattr(pipeline, name)
+    if name == "restore_video":
+        from .enhance import restore_video
+
+        return restore_video
+    if name == "evaluate":
+        from .evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'lipdub' has no attribute {name!r}")
 
 
-__all__ = ["LipdubError", "sync", "__version__"]
+__all__ = ["LipdubError", "SyncOptions", "SyncResult", "__version__", "evaluate", "restore_video", "sync"]

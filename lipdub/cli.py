@@ -1,74 +1,37 @@
 """`lipdub` command line: a thin argparse layer over the library calls.
 
-Any LipdubError becomes one line on stderr and exit code 2; other exceptions are bugs and
-keep their traceback.
+The flags of `lipdub run` are generated from `lipdub.options.SyncOptions`, the one declaration
+of the run options. Any LipdubError becomes one line on stderr and exit code 2; other
+exceptions are bugs and keep their traceback. The job modules are imported by the command
+that needs them, so `lipdub --help` does not load torch.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 
+from . import __version__
 from .errors import LipdubError
+from .options import FACE_DETECTORS, add_arguments, options_from_args
 
+
+# ------------------------------------------------------------------------------------------ run
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="lip-sync a face video or image to an audio track")
     p.add_argument("--face", required=True, help="video or still image (jpg/png/webp/bmp) with the face")
     p.add_argument("--audio", required=True, help="audio or video file whose first audio stream drives the lips")
     p.add_argument("-o", "--output", required=True, help="output .mp4 (H.264 + AAC)")
-    p.add_argument("--checkpoint", default="wav2lip_gan", help="registry name (wav2lip, wav2lip_gan) or a .pth path")
-    p.add_argument("--detector", default="centerface", choices=["centerface", "s3fd"], help="face detector")
-    p.add_argument("--detector-weights", default=None, help="weights file for the detector (default: registry)")
-    p.add_argument("--box", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"), default=None,
-                   help="fixed face box for every frame; skips detection (as the original --box)")
-    p.add_argument("--pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"), default=[0, 10, 0, 0],
-                   help="padding added to detected boxes (default 0 10 0 0)")
-    p.add_argument("--no-smooth", action="store_true", help="do not smooth face boxes over time")
-    p.add_argument("--face-index", type=int, default=None, help="drive the N-th face from the left (0-based)")
-    p.add_argument("--blend", choices=["feather", "box"], default="feather",
-                   help="feather: soft lower-face blend (default); box: the original hard paste")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate for a still image (default 25)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--loop", action="store_true", help="loop the video when the audio is longer (default: ping-pong)")
-    length.add_argument("--static", action="store_true", help="use only the first frame")
-    p.add_argument("--resize-factor", type=int, default=1, help="downscale the input by this factor first")
-    p.add_argument("--crop", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"), default=[0, -1, 0, -1],
-                   help="crop the input first (-1 = to the edge)")
-    p.add_argument("--rotate", action="store_true", help="rotate the input 90 degrees clockwise first")
-    p.add_argument("--batch-size", type=int, default=16, help="frames per generator batch")
-    p.add_argument("--det-batch-size", type=int, default=0, help="frames per detector batch (0 = best for the device)")
-    p.add_argument("--det-stride", type=int, default=0, help="detect every N-th frame (0 = about 6 per second)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
-    p.add_argument("--restore", choices=["gfpgan"], default=None, help="restore the face with GFPGAN after lip-sync")
-    p.add_argument("--restore-checkpoint", default="gfpgan_v1.4", help="gfpgan_v1.3, gfpgan_v1.4 or a .pth path")
-    p.add_argument("--restore-region", choices=["mouth", "face"], default="mouth",
-                   help="what restoration may change (default mouth)")
-    p.add_argument("--restore-weight", type=float, default=1.0, help="0..1 blend of restored and lip-synced face")
-    p.add_argument("--upscale", type=int, choices=[1, 2, 4], default=1, help="output size factor (with --restore)")
-    p.add_argument("--report", default=None, metavar="JSON",
-                   help="write a JSON report: coverage, timings, and LSE-D/LSE-C when syncnet_v2 weights are cached")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .pipeline import SyncOptions, sync
+    from .pipeline import sync
 
-    options = SyncOptions(
-        checkpoint=args.checkpoint, detector=args.detector, detector_weights=args.detector_weights,
-        box=tuple(args.box) if args.box else None, pads=tuple(args.pads), smooth=not args.no_smooth,
-        face_index=args.face_index, blend=args.blend, fps=args.fps, length="loop" if args.loop else "pingpong",
-        static=args.static, resize_factor=args.resize_factor, crop=tuple(args.crop), rotate=args.rotate,
-        batch_size=args.batch_size, det_batch_size=args.det_batch_size, det_stride=args.det_stride,
-        device=args.device, skip_sha256=args.skip_sha256, progress=not args.quiet,
-        restore=args.restore, restore_checkpoint=args.restore_checkpoint, restore_region=args.restore_region,
-        restore_weight=args.restore_weight, upscale=args.upscale, report=args.report,
-    )
-    result = sync(args.face, args.audio, args.output, options=options)
+    result = sync(args.face, args.audio, args.output, options=options_from_args(args))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -77,6 +40,98 @@ def _run(args: argparse.Namespace) -> int:
               f"face in {result.frames_with_face} frames ({fps:.1f} frames/s overall)")
     return 0
 
+
+# -------------------------------------------------------------------------------------- restore
+
+def _add_restore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("restore", help="restore the faces of a video or image with GFPGAN",
+                       description="Restore the main face of a video (-> .mp4, audio kept) or an image "
+                                   "(-> image of the output's suffix) with GFPGAN v1.3/v1.4.")
+    p.add_argument("input", help="video or image (jpg/png/webp/bmp/tif)")
+    p.add_argument("-o", "--output", required=True, help="output .mp4 for a video; .png/.jpg/... for an image")
+    p.add_argument("--checkpoint", default="gfpgan_v1.4",
+                   help="registry name (gfpgan_v1.3, gfpgan_v1.4) or a GFPGANv1.x.pth path (default gfpgan_v1.4)")
+    p.add_argument("--region", choices=("face", "mouth"), default="face",
+                   help="face: the whole aligned face (default); mouth: the lower face only")
+    p.add_argument("--weight", type=float, default=1.0, help="0..1 blend of restored and input (default 1)")
+    p.add_argument("--upscale", type=int, choices=(1, 2, 4), default=1, help="resize the output by 1, 2 or 4")
+    p.add_argument("--detector", choices=FACE_DETECTORS, default="centerface", help="face detector (needs landmarks)")
+    p.add_argument("--detector-weights", default=None, help="weights file for the detector (default: registry)")
+    p.add_argument("--det-stride", type=int, default=1, help="detect every N-th frame (default 1: every frame)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--batch-size", type=int, default=None, help="faces per network batch (default: 1 on CPU, 4 on GPU)")
+    p.add_argument("--max-frames", type=int, default=None, help="only the first N frames (a preview, no audio)")
+    p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    p.set_defaults(handler=_restore)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from .enhance import restore_video
+
+    result = restore_video(
+        args.input, args.output, checkpoint=args.checkpoint, region=args.region, weight=args.weight,
+        upscale=args.upscale, detector=args.detector, detector_weights=args.detector_weights, device=args.device,
+        batch_size=args.batch_size, det_stride=args.det_stride, max_frames=args.max_frames,
+        skip_sha256=args.skip_sha256, progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    if result.is_image:
+        print(f"wrote {result.output}: {result.width}x{result.height}, "
+              f"{result.faces_restored} face{'s' if result.faces_restored != 1 else ''} restored")
+    else:
+        fps = result.n_frames / max(1e-9, result.timings.get("total", 0.0))
+        print(f"wrote {result.output}: {result.n_frames} frames at {result.fps:g} fps, {result.width}x{result.height}, "
+              f"face restored in {result.frames_restored} frames ({fps:.2f} frames/s overall)")
+    if result.frames_with_face == 0:
+        print("lipdub: note: no face found; the frames were copied unchanged", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="measure lip-sync (LSE-D / LSE-C, A/V offset) of a video",
+                       description="LSE-D / LSE-C and the audio-video offset as syncnet_python computes them.")
+    p.add_argument("video", help="video with its audio track")
+    p.add_argument("--cropped", action="store_true", help="the video is already 224x224 face crops at 25 fps")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.add_argument("--reference", default=None, metavar="REF",
+                   help="also report PSNR / SSIM of the face region against this video (same frame size)")
+    p.add_argument("--checkpoint", default="syncnet_v2", metavar="PATH|NAME",
+                   help="SyncNet v2 weights: registry name (syncnet_v2) or a syncnet_v2.model path")
+    p.add_argument("--detector", default="centerface", choices=FACE_DETECTORS, help="face detector")
+    p.add_argument("--detector-weights", default=None, help="weights file for the detector (default: registry)")
+    p.add_argument("--det-stride", type=int, default=1,
+                   help="detect every N-th frame (default 1, as syncnet_python; higher is faster)")
+    p.add_argument("--batch-size", type=int, default=20, help="windows per SyncNet batch (default 20)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, summary
+
+    result = evaluate(
+        args.video, cropped=args.cropped, reference=args.reference, checkpoint=args.checkpoint,
+        detector=args.detector, detector_weights=args.detector_weights, det_stride=args.det_stride,
+        device=args.device, skip_sha256=args.skip_sha256, progress=not (args.quiet or args.json),
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        json.dump(result, sys.stdout, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        print(summary(result))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- weights
 
 def _add_weights(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="list, download and verify model weights")
@@ -90,6 +145,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     v.add_argument("path")
     pp = wsub.add_parser("path", help="print the cache path of a registry entry")
     pp.add_argument("name")
+    p.set_defaults(handler=_weights)
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -104,33 +160,24 @@ def _weights(args: argparse.Namespace) -> int:
     return weights.cmd_path(args.name)
 
 
+# ----------------------------------------------------------------------------------------- main
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .serve import add_cli as add_serve
+    from .train import add_cli as add_train
 
     parser = argparse.ArgumentParser(prog="lipdub", description="Streaming Wav2Lip lip-sync.")
     parser.add_argument("--version", action="version", version=f"lipdub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run(sub)
-    _add_weights(sub)
-    for name in EXTENSIONS:
-        module = importlib.import_module(name)
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    for add in (_add_run, _add_restore, _add_eval, _add_weights, add_serve, add_train):
+        add(sub)
     return parser
-
-
-COMMANDS = {"run": _run, "weights": _weights}
-# Modules that add their own subcommand: `add_cli(sub)` registers a parser whose defaults carry
-# `handler=function(args) -> exit code`.
-EXTENSIONS = [name for name in ("lipdub.enhance", "lipdub.evaluate", "lipdub.serve", "lipdub.train")
-              if importlib.util.find_spec(name) is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        return handler(args)
+        return args.handler(args)
     except LipdubError as exc:
         print(f"lipdub: error: {exc}", file=sys.stderr)
         return 2

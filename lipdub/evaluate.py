@@ -33,18 +33,24 @@ as a separate clip, with its own zero padding of the audio features at the track
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import cv2
 import numpy as np
 
+from . import weights
+from .device import pick_device
 from .errors import LipdubError
+from .faces import iou, load_detector, runs, track_video
+from .faces.track import shot_bounds
+from .media import VideoSource, check_readable, load_audio, prefetch, video_start_in_audio
+from .metrics.lse import medfilt, mfcc_features, sync_distances
+from .metrics.quality import psnr, ssim
+from .progress import Timer, bar
 
 EVAL_FPS = 25
 CROP_SCALE = 0.4  # syncnet_python run_pipeline.py --crop_scale
@@ -59,68 +65,13 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // EVAL_FPS
 MIN_FRAMES = 6  # one window of 5 frames needs min_length - 5 >= 1
 
 
-# ----------------------------------------------------------------------------------------- media
-
-
-def read_audio_s16(path: str | Path) -> tuple[np.ndarray, float]:
-    """First audio stream as 16 kHz mono int16 samples (what ``ffmpeg -ac 1 -ar 16000 -acodec
-    pcm_s16le`` writes) and the time in seconds of its first sample."""
-    import av
-
-    from .media import check_readable
-
-    path = check_readable(path)
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise LipdubError(f"cannot read {path}: not a recognised media file ({exc.__class__.__name__})") from None
-    with container:
-        if not container.streams.audio:
-            raise LipdubError(f"{path} has no audio stream: lip-sync cannot be measured without the speech track")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-        parts: list[np.ndarray] = []
-        start: Optional[float] = None
-        try:
-            for frame in container.decode(stream):
-                if start is None and frame.time is not None:
-                    start = float(frame.time)
-                parts.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-            parts.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-        except av.FFmpegError as exc:
-            raise LipdubError(f"cannot decode the audio of {path}: {exc}") from None
-    samples = np.concatenate(parts).astype(np.int16, copy=False) if parts else np.zeros(0, np.int16)
-    if samples.size == 0:
-        raise LipdubError(f"{path} has an audio stream with no samples")
-    return samples, start or 0.0
-
-
-def _first_video_time(path: Path) -> float:
-    import av
-
-    with av.open(str(path), metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
-        try:
-            frame = next(container.decode(stream))
-        except (av.FFmpegError, StopIteration):
-            return 0.0
-        return float(frame.time) if frame.time is not None else 0.0
-
-
-def align_audio(samples: np.ndarray, audio_start: float, video_start: float) -> tuple[np.ndarray, int]:
-    """Make sample 0 the audio at the video's first frame: drop audio from before it, or put
-    silence in front when the audio starts later. Returns (samples, samples dropped (< 0: added))."""
-    shift = int(round((video_start - audio_start) * SAMPLE_RATE))
-    if shift > 0:
-        return samples[shift:], shift
-    if shift < 0:
-        return np.concatenate([np.zeros(-shift, np.int16), samples]), shift
-    return samples, 0
+# ----------------------------------------------------------------------------------------- clock
 
 
 def source_index(tick: int, source_fps: Fraction, fps: int = EVAL_FPS) -> int:
-    """Frame of a ``source_fps`` clock shown at tick ``tick`` of a ``fps`` clock: the latest source
-    frame i whose time, rounded to the nearest ``fps`` tick (halves up), is at most ``tick``."""
+    """Frame of a constant ``source_fps`` clock shown at tick ``tick`` of a ``fps`` clock: the latest
+    source frame before the middle of the tick (the rule of ``VideoSource.clock``, for frames at
+    exact multiples of 1 / ``source_fps``)."""
     ratio = Fraction(source_fps) / fps
     return math.ceil((tick + Fraction(1, 2)) * ratio) - 1
 
@@ -130,71 +81,7 @@ def n_resampled(n_source: int, source_fps: Fraction, fps: int = EVAL_FPS) -> int
     return math.floor(Fraction(n_source) * fps / Fraction(source_fps) + Fraction(1, 2))
 
 
-def resample_clock(frames: Iterator, source_fps: Fraction, fps: int = EVAL_FPS,
-                   limit: Optional[int] = None) -> Iterator:
-    """Re-time a constant-rate frame iterator to ``fps``, streaming (each item is passed through
-    unchanged: repeated when the rate goes up, skipped when it goes down). At most ``limit`` items."""
-    source_fps = Fraction(source_fps)
-    it = iter(frames)
-    index, current, n_source = -1, None, None
-    tick = 0
-    while limit is None or tick < limit:
-        want = source_index(tick, source_fps, fps) if source_fps != fps else tick
-        while n_source is None and index < want:
-            item = next(it, None)
-            if item is None:
-                n_source = index + 1
-                break
-            index, current = index + 1, item
-        if n_source is not None and tick >= (n_resampled(n_source, source_fps, fps) if source_fps != fps else n_source):
-            return
-        yield current
-        tick += 1
-
-
-class _Clock25:
-    """A VideoSource seen on the 25 fps clock (what `pipeline.scan` needs: `.info`, `.clock()`, `.path`)."""
-
-    def __init__(self, source, limit: Optional[int] = None):
-        import dataclasses
-
-        self.source, self.limit, self.path = source, limit, source.path
-        self.source_fps = Fraction(source.info.fps)
-        estimate = n_resampled(source.info.n_frames_estimate, self.source_fps)
-        if limit is not None:
-            estimate = min(estimate, limit)
-        self.info = dataclasses.replace(source.info, fps=Fraction(EVAL_FPS), n_frames_estimate=max(1, estimate))
-
-    def clock(self) -> Iterator[tuple[int, np.ndarray]]:
-        return resample_clock(self.source.clock(), self.source_fps, limit=self.limit)
-
-    def frames(self) -> Iterator[np.ndarray]:
-        return (frame for _, frame in self.clock())
-
-
 # ------------------------------------------------------------------------------------- face crops
-
-
-def _runs(mask: np.ndarray, bounds: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, stop) of each run of True, split at the shot bounds."""
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        m = np.asarray(mask[lo:hi], dtype=np.int8)
-        edges = np.diff(np.concatenate([[0], m, [0]]))
-        out.extend((lo + int(a), lo + int(b)) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
-    return out
-
-
-def _bounds(n: int, cuts: Sequence[int]) -> list[int]:
-    return [0] + sorted({int(c) for c in cuts if 0 < c < n}) + [n]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def bridge_gaps(boxes: np.ndarray, valid: np.ndarray, cuts: Sequence[int] = (), max_missed: int = MAX_MISSED,
@@ -203,11 +90,11 @@ def bridge_gaps(boxes: np.ndarray, valid: np.ndarray, cuts: Sequence[int] = (), 
     interpolation when the boxes on both sides overlap by IoU > ``min_iou`` (one face, missed)."""
     boxes = np.asarray(boxes, dtype=np.float64).copy()
     valid = np.asarray(valid, dtype=bool).copy()
-    bounds = _bounds(len(valid), cuts)
+    bounds = shot_bounds(len(valid), cuts)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        for a, b in _runs(~valid[lo:hi], [0, hi - lo]):
+        for a, b in runs(~valid[lo:hi]):
             a, b = lo + a, lo + b
-            if a == lo or b == hi or b - a > max_missed or _iou(boxes[a - 1], boxes[b]) <= min_iou:
+            if a == lo or b == hi or b - a > max_missed or iou(boxes[a - 1], boxes[b]) <= min_iou:
                 continue
             t = (np.arange(a, b) - (a - 1))[:, None] / float(b - (a - 1))
             boxes[a:b] = (1 - t) * boxes[a - 1] + t * boxes[b]
@@ -219,15 +106,13 @@ def crop_params(boxes: np.ndarray, valid: np.ndarray, cuts: Sequence[int] = ()) 
     """(n, 3) float64 ``(x, y, s)`` per frame: box centre and half-size ``max(w, h) / 2``, each
     median-filtered over every run of frames with a face (13 taps, zero-padded ends). NaN where
     there is no face."""
-    from .metrics.lse import medfilt
-
     boxes = np.asarray(boxes, dtype=np.float64)
     valid = np.asarray(valid, dtype=bool)
     params = np.full((len(valid), 3), np.nan)
     raw = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
                     np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2], axis=1) if len(boxes) else \
         np.zeros((0, 3))
-    for a, b in _runs(valid, _bounds(len(valid), cuts)):
+    for a, b in runs(valid, cuts):
         for c in range(3):
             params[a:b, c] = medfilt(raw[a:b, c], SMOOTH_KERNEL)
     return params
@@ -245,8 +130,6 @@ def face_crop(frame: np.ndarray, x: float, y: float, s: float, crop_scale: float
               size: int = CROP_SIZE) -> Optional[np.ndarray]:
     """syncnet_python's face crop of one BGR frame (``size`` x ``size`` uint8), or None when the
     box is degenerate. Only the crop is padded, never the whole frame."""
-    import cv2
-
     h, w = frame.shape[:2]
     bsi, r0, r1, c0, c1 = crop_window(x, y, s, crop_scale)
     ph, pw = h + 2 * bsi, w + 2 * bsi
@@ -275,17 +158,7 @@ def _face_region(params_row: np.ndarray, width: int, height: int) -> Optional[tu
 
 
 def _ranges(mask: np.ndarray) -> list[list[int]]:
-    return [[a, b] for a, b in _runs(mask, [0, len(mask)])]
-
-
-def _load_model(checkpoint: str, device, skip_sha256: bool, progress: bool):
-    from . import weights
-    from .models.syncnet import SyncNetV2
-
-    path = weights.resolve(checkpoint, skip_sha256=skip_sha256, progress=progress)
-    model = SyncNetV2()
-    model.load_state_dict(weights.load_state_dict(path, "syncnet_v2"))
-    return model.to(device).eval()
+    return [[a, b] for a, b in runs(mask)]
 
 
 def _track_on_clock(track, cuts: Sequence[int], source_fps: Fraction, limit: int):
@@ -315,8 +188,6 @@ class _QualityMeter:
         self.ssim: list[float] = []
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        from .metrics.quality import psnr, ssim
-
         self.psnr.append(min(PSNR_CAP, psnr(a, b)))
         self.ssim.append(ssim(a, b))
 
@@ -384,12 +255,6 @@ def evaluate(
     Raises LipdubError for a missing or unreadable file, a video without audio or without any
     face, one too short to score, or a checkpoint that is not SyncNet v2.
     """
-    from tqdm import tqdm
-
-    from .media import VideoSource, check_readable, prefetch
-    from .metrics.lse import mfcc_features, sync_distances
-    from .pipeline import Timer, pick_device
-
     if batch_size < 1:
         raise LipdubError("--batch-size must be at least 1")
     if det_stride < 1:
@@ -400,28 +265,35 @@ def evaluate(
     ref_path = check_readable(reference) if reference is not None else None
 
     with timer("audio"):
-        samples, audio_start = read_audio_s16(path)
         source = VideoSource(path)
         if source.info.is_image:
             raise LipdubError(f"{path} is a still image: lip-sync needs a video")
-        samples, shifted = align_audio(samples, audio_start, _first_video_time(path))
+        start = video_start_in_audio(path)
+        try:
+            samples = load_audio(path, SAMPLE_RATE, start=start, pcm16=True)
+        except LipdubError as exc:
+            if "has no audio stream" in str(exc):
+                raise LipdubError(f"{path} has no audio stream: lip-sync cannot be measured without the speech "
+                                  "track") from None
+            raise
+        shifted = round(start * SAMPLE_RATE)
         audio_frames = len(samples) // SAMPLES_PER_FRAME
         if audio_frames < MIN_FRAMES:
             raise LipdubError(f"{path}: the audio lasts under {MIN_FRAMES} frames ({len(samples) / SAMPLE_RATE:.2f} s "
                               "from the first video frame): too short to measure lip-sync")
         mfcc = mfcc_features(samples)
-    clock = _Clock25(source, limit=audio_frames)
+    source_fps = Fraction(source.info.fps)
+    clock = VideoSource(path, fps=EVAL_FPS, max_frames=audio_frames)
     ref_clock = None
     if ref_path is not None:
-        ref_source = VideoSource(ref_path)
-        if (ref_source.info.width, ref_source.info.height) != (source.info.width, source.info.height):
-            raise LipdubError(f"reference {ref_path} is {ref_source.info.width}x{ref_source.info.height}, "
+        ref_clock = VideoSource(ref_path, fps=EVAL_FPS, max_frames=audio_frames)
+        if (ref_clock.info.width, ref_clock.info.height) != (source.info.width, source.info.height):
+            raise LipdubError(f"reference {ref_path} is {ref_clock.info.width}x{ref_clock.info.height}, "
                               f"the video is {source.info.width}x{source.info.height}: they must match")
-        ref_clock = _Clock25(ref_source, limit=audio_frames)
 
     dev = pick_device(device)
     with timer("load"):
-        model = _load_model(checkpoint, dev, skip_sha256, progress)
+        model = weights.load_model(checkpoint, "syncnet_v2", dev, skip_sha256, progress)
 
     width, height = source.info.width, source.info.height
     if cropped:
@@ -429,20 +301,12 @@ def evaluate(
         valid = None
     else:
         if track is not None:
-            boxes, found, shot_cuts = _track_on_clock(track, cuts, clock.source_fps, audio_frames)
+            boxes, found, shot_cuts = _track_on_clock(track, cuts, source_fps, audio_frames)
         else:
-            from .faces.base import load_detector
-            from .faces.track import build_track
-            from .pipeline import scan
-
             with timer("load"):
                 det = load_detector(detector, dev, detector_weights)
-            found_scan = scan(clock, det, det_stride, timer, progress)
-            n = len(found_scan.tick_pts)
-            shot_cuts = list(found_scan.cuts)
-            face_track = build_track(found_scan.detections, shot_cuts, n, width, height,
-                                     pads=(0, 0, 0, 0), smooth=False, max_gap=2 * det_stride + 2)
-            boxes, found = face_track.boxes[:, :4], face_track.valid
+            _, face_track = track_video(clock, det, stride=det_stride, smooth=False, timer=timer, progress=progress)
+            boxes, found, shot_cuts = face_track.boxes[:, :4], face_track.valid, face_track.cuts
         boxes, valid = bridge_gaps(boxes, found, shot_cuts)
         if not valid.any():
             raise LipdubError(f"no face found anywhere in {path}")
@@ -454,11 +318,9 @@ def evaluate(
     resized = [False]
 
     def crops() -> Iterator[Optional[np.ndarray]]:
-        import cv2
-
         frames = prefetch(clock.frames(), size=8)
         refs = prefetch(ref_clock.frames(), size=8) if ref_clock is not None else None
-        bar = tqdm(total=clock.info.n_frames_estimate, desc="eval", unit="frame", disable=not progress, leave=False)
+        progress_bar = bar(clock.info.n_frames_estimate, "eval", progress, leave=False)
         try:
             for k, frame in enumerate(frames):
                 ref = next(refs, None) if refs is not None else None
@@ -480,10 +342,10 @@ def evaluate(
                             meter.add(frame[y1:y2, x1:x2], ref[y1:y2, x1:x2])
                 else:
                     crop = None
-                bar.update(1)
+                progress_bar.update(1)
                 yield crop
         finally:
-            bar.close()
+            progress_bar.close()
             frames.close()
             if refs is not None:
                 refs.close()
@@ -588,39 +450,3 @@ def summary(r: dict) -> str:
     lines.append(f"  speed       {r['frames_per_second']:.1f} frames/s on {r['device']}")
     lines.extend(f"warning: {w}" for w in r["warnings"])
     return "\n".join(lines)
-
-
-def _handler(args: argparse.Namespace) -> int:
-    result = evaluate(
-        args.video, cropped=args.cropped, reference=args.reference, checkpoint=args.checkpoint,
-        detector=args.detector, detector_weights=args.detector_weights, det_stride=args.det_stride,
-        device=args.device, skip_sha256=args.skip_sha256, progress=not (args.quiet or args.json),
-        batch_size=args.batch_size,
-    )
-    if args.json:
-        json.dump(result, sys.stdout, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        print(summary(result))
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="measure lip-sync (LSE-D / LSE-C, A/V offset) of a video",
-                       description="LSE-D / LSE-C and the audio-video offset as syncnet_python computes them.")
-    p.add_argument("video", help="video with its audio track")
-    p.add_argument("--cropped", action="store_true", help="the video is already 224x224 face crops at 25 fps")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
-    p.add_argument("--reference", default=None, metavar="REF",
-                   help="also report PSNR / SSIM of the face region against this video (same frame size)")
-    p.add_argument("--checkpoint", default="syncnet_v2", metavar="PATH|NAME",
-                   help="SyncNet v2 weights: registry name (syncnet_v2) or a syncnet_v2.model path")
-    p.add_argument("--detector", default="centerface", choices=["centerface", "s3fd"], help="face detector")
-    p.add_argument("--detector-weights", default=None, help="weights file for the detector (default: registry)")
-    p.add_argument("--det-stride", type=int, default=1,
-                   help="detect every N-th frame (default 1, as syncnet_python; higher is faster)")
-    p.add_argument("--batch-size", type=int, default=20, help="windows per SyncNet batch (default 20)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=_handler)

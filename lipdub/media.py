@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import av
 import cv2
@@ -57,6 +58,15 @@ def is_image(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def has_audio(path: str | os.PathLike) -> bool:
+    """Whether a media file has an audio stream (False for anything unreadable)."""
+    try:
+        with _open(Path(path)) as container:
+            return bool(container.streams.audio)
+    except LipdubError:
+        return False
+
+
 # ----------------------------------------------------------------------------------------- audio
 
 
@@ -88,28 +98,34 @@ def _shift(samples: np.ndarray, count: int) -> np.ndarray:
     return samples
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float = 0.0) -> np.ndarray:
-    """The first audio stream as mono float32 at `sample_rate`, channels averaged.
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float = 0.0,
+               pcm16: bool = False) -> np.ndarray:
+    """The first audio stream as mono samples at `sample_rate`.
 
     `start` (seconds, may be negative) is where in the stream the result begins: the first
     `start` seconds are dropped, or -`start` seconds of silence are prepended.
 
+    By default the result is float32 with the channels averaged (as librosa's `to_mono` in the
+    original), not FFmpeg's downmix, which sums stereo at 1/sqrt(2) each and so comes out 3 dB
+    louder than the mean. `pcm16=True` gives instead exactly what `ffmpeg -ac 1 -ar RATE -acodec
+    pcm_s16le` writes (FFmpeg's downmix, int16), the input syncnet_python's metric is defined on.
+
     Audio is small next to video (a minute at 16 kHz is 4 MB), so it is decoded whole.
-    The channels are averaged here (as librosa's `to_mono` in the original), not by FFmpeg's
-    downmix, which sums stereo at 1/sqrt(2) each and so comes out 3 dB louder than the mean.
     """
     path = check_readable(path)
     with _open(path) as container:
         if not container.streams.audio:
             raise LipdubError(f"{path} has no audio stream")
         stream = container.streams.audio[0]
-        # Planar float, input channel layout kept: only the rate is converted.
-        resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+        if pcm16:
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+        else:  # planar float, input channel layout kept: only the rate is converted
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
         parts: list[np.ndarray] = []
 
         def mono(out: av.AudioFrame) -> np.ndarray:
-            planes = out.to_ndarray()  # (channels, samples)
-            return planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
+            planes = out.to_ndarray()  # (channels, samples); packed s16 mono is (1, samples)
+            return planes.reshape(-1) if pcm16 or planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
 
         try:
             for frame in container.decode(stream):
@@ -119,9 +135,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float =
                 parts.append(mono(out))
         except av.FFmpegError as exc:
             raise LipdubError(f"cannot decode the audio of {path}: {exc}") from None
-    if not parts:
+    if not parts or not sum(len(p) for p in parts):
         raise LipdubError(f"{path} has an audio stream with no samples")
-    return _shift(np.concatenate(parts).astype(np.float32, copy=False), round(start * sample_rate))
+    samples = np.concatenate(parts).astype(np.int16 if pcm16 else np.float32, copy=False)
+    return _shift(samples, round(start * sample_rate))
 
 
 # ----------------------------------------------------------------------------------------- video
@@ -187,16 +204,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 class VideoSource:
-    """A face input (video or still image) read as BGR uint8 frames on the output clock."""
+    """A face input (video or still image) read as BGR uint8 frames on an output clock.
 
-    def __init__(self, path: str | os.PathLike, fps: float = 25.0, transform: Transform = Transform()):
+    `fps`: the clock's rate. For a video, None keeps its own rate (`_output_fps`) and another
+    rate re-times it by the timestamps (what `lipdub eval` does to reach 25 fps); for a still
+    image it is the rate of the frames made from it (default 25). `max_frames`: the clock
+    stops after that many ticks (a preview, or as much video as the audio needs).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float | Fraction | None = None,
+                 transform: Transform = Transform(), max_frames: int | None = None):
         self.path = check_readable(path)
         self.transform = transform
+        self.max_frames = max_frames
         self._image: np.ndarray | None = None
         if is_image(self.path):
             self._image = transform(read_image(self.path))
             h, w = self._image.shape[:2]
-            self.info = VideoInfo(w, h, Fraction(fps).limit_denominator(1001), True, 1)
+            self.info = VideoInfo(w, h, Fraction(fps or 25).limit_denominator(1001), True, 1)
             return
         with _open(self.path) as container:
             if not container.streams.video:
@@ -207,59 +232,75 @@ class VideoSource:
             except (av.FFmpegError, StopIteration):
                 raise LipdubError(f"cannot decode the video of {self.path} (unsupported or corrupt codec data)") from None
             frame = transform(_apply_rotation(first.to_ndarray(format="bgr24"), first.rotation))
-            rate = _output_fps(stream)
+            rate = Fraction(fps).limit_denominator(1001) if fps else _output_fps(stream)
             duration = float(container.duration / 1e6) if container.duration else 0.0
             # Ticks on the output clock: the stream's own duration times the clock rate. The
             # stored frame count is only right for constant-rate input (v1: 135 frames, 183 ticks).
             if stream.duration and stream.time_base:
                 estimate = int(round(float(stream.duration * stream.time_base) * float(rate)))
+            elif fps is None and stream.frames:
+                estimate = stream.frames
             else:
-                estimate = stream.frames or int(round(duration * float(rate)))
-            estimate = max(1, estimate)
+                estimate = int(round(duration * float(rate)))
+            estimate = max(1, min(estimate, max_frames) if max_frames else estimate)
             self.info = VideoInfo(frame.shape[1], frame.shape[0], rate, False, estimate, first.rotation)
 
-    # Raw decode: (pts, time, frame) in presentation order.
-    def _raw(self, seek_pts: int | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+    # Raw decode: (pts, time in seconds as an exact fraction, frame) in presentation order.
+    def _raw(self, seek_pts: int | None = None) -> Iterator[tuple[int, Fraction, np.ndarray]]:
         with _open(self.path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             if seek_pts is not None:
                 container.seek(seek_pts, stream=stream, backward=True)
-            time_base = float(stream.time_base or Fraction(1, 90000))
+            time_base = Fraction(stream.time_base or Fraction(1, 90000))
             counter = 0
             try:
                 for frame in container.decode(stream):
                     pts = frame.pts if frame.pts is not None else counter
-                    time = pts * time_base if frame.pts is not None else counter / float(self.info.fps)
+                    time = pts * time_base if frame.pts is not None else counter / self.info.fps
                     counter += 1
                     yield pts, time, _apply_rotation(frame.to_ndarray(format="bgr24"), frame.rotation)
             except av.FFmpegError as exc:
                 raise LipdubError(f"error while decoding {self.path}: {exc}") from None
 
     def clock(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Frames on the output clock, with the pts of the input frame each tick shows."""
+        """Frames on the output clock, with the pts of the input frame each tick shows.
+
+        Tick i (time t0 + i/fps, t0 the first frame's time) shows the latest frame whose time is
+        before the middle of the tick, t0 + (i + 1/2)/fps; the clock runs while the tick time is
+        before the last frame's time plus half a tick. Times are exact fractions, so the rule is
+        the same on every machine; a constant-rate input at its own rate maps one to one.
+        """
+        limit = self.max_frames
         if self._image is not None:
             yield 0, self._image
             return
-        tick = 1.0 / float(self.info.fps)
-        eps = 0.5 * tick
-        t0: float | None = None
+        tick = 1 / Fraction(self.info.fps)
+        t0: Fraction | None = None
         i = 0
         prev: tuple[int, np.ndarray] | None = None
-        last_time = 0.0
+        last_time = Fraction(0)
         for pts, time, frame in self._raw():
             if t0 is None:
                 t0 = time
-            while prev is not None and time > t0 + i * tick + eps:
+            while prev is not None and time >= t0 + (i + Fraction(1, 2)) * tick:
                 yield prev
                 i += 1
+                if limit is not None and i >= limit:
+                    return
             prev = (pts, self.transform(frame))
             last_time = time
         if prev is None:
             raise LipdubError(f"{self.path} has no decodable video frames")
-        while t0 + i * tick <= last_time + eps * 0.999:
+        while t0 + i * tick < last_time + tick / 2 or i == 0:
             yield prev
             i += 1
+            if limit is not None and i >= limit:
+                return
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The frames of `clock()` without their pts."""
+        return (frame for _, frame in self.clock())
 
     def frames_at(self, tick_pts: Sequence[int], order: Iterable[int], block: int = 16) -> Iterator[np.ndarray]:
         """Frames for an arbitrary sequence of tick indices (forward, repeated or backward).
@@ -349,6 +390,40 @@ def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
 
 
 # ---------------------------------------------------------------------------------------- writer
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary path next to `path` to write to; renamed onto `path` when the block
+    ends normally and deleted when it raises, so no reader ever sees a half-written file.
+
+    The temporary name keeps the suffix (writers that pick a format from it still work) and
+    carries the process id (two processes writing the same output do not collide).
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.partial{os.getpid()}{path.suffix}")
+    try:
+        yield temp
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    try:
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise LipdubError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path` through `atomic_output`."""
+    with atomic_output(path) as temp:
+        try:
+            if isinstance(data, str):
+                temp.write_text(data, encoding="utf-8")
+            else:
+                temp.write_bytes(data)
+        except OSError as exc:
+            raise LipdubError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def check_writable(path: str | os.PathLike) -> Path:

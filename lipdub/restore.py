@@ -18,12 +18,19 @@ shimmer from detector jitter.
 """
 from __future__ import annotations
 
+import os
+import time
 from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
 import torch
 
+from . import weights
+from .device import pick_device
+from .errors import LipdubError
 from .models.gfpgan import GFPGANv1Clean, load_gfpgan_state_dict
 
 __all__ = [
@@ -36,6 +43,9 @@ __all__ = [
     "paste_back",
     "smooth_landmarks",
     "Restorer",
+    "RestoreStage",
+    "REGIONS",
+    "UPSCALES",
 ]
 
 CROP_SIZE = 512
@@ -305,12 +315,6 @@ class Restorer:
         self.net = net.float().eval().requires_grad_(False).to(self.device)
         self.size = self.net.out_size
 
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", batch_size: int = 4) -> "Restorer":
-        """Load ``GFPGANv1.3.pth`` / ``GFPGANv1.4.pth`` (tensors only, no pickled code)."""
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(obj, device=device, batch_size=batch_size)
-
     def restore_crops(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         """Restore aligned BGR uint8 crops (size x size x 3); returns BGR uint8 crops."""
         if len(crops) == 0:
@@ -339,4 +343,194 @@ class Restorer:
         out = frame
         for (_, affine), face in zip(aligned, restored):
             out = paste_back(out, face, affine, region=region, weight=weight)
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# The streaming stage
+# ------------------------------------------------------------------------------------------
+REGIONS = ("face", "mouth")
+UPSCALES = (1, 2, 4)
+DEFAULT_CHECKPOINT = "gfpgan_v1.4"
+UPSCALE_INTERPOLATION = cv2.INTER_CUBIC
+
+
+def check_options(region: str, weight: float, upscale: int, batch_size: int | None) -> None:
+    if region not in REGIONS:
+        raise LipdubError(f"unknown restore region '{region}' ({', '.join(REGIONS)})")
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise LipdubError(f"restore weight must be a number in [0, 1], got {weight!r}") from None
+    if not 0.0 <= weight <= 1.0:  # also rejects NaN
+        raise LipdubError(f"restore weight must be in [0, 1], got {weight:g}")
+    if upscale not in UPSCALES:
+        raise LipdubError(f"upscale must be one of {', '.join(map(str, UPSCALES))}, got {upscale}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise LipdubError("batch size must be at least 1")
+
+
+def _face_list(item, frame_index: int) -> list[np.ndarray]:
+    """The finite (5, 2) landmark sets of one frame: None, (5, 2) or (k, 5, 2)."""
+    if item is None:
+        return []
+    arr = np.asarray(item, dtype=np.float64)
+    if arr.shape == (5, 2):
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (5, 2):
+        raise ValueError(f"landmarks for frame {frame_index} must be None, (5, 2) or (k, 5, 2), got {arr.shape}")
+    return [lm for lm in arr if np.all(np.isfinite(lm))]
+
+
+def _scale_affine(affine: np.ndarray, scale: int) -> np.ndarray:
+    """The frame->crop affine for a frame resized by ``scale`` (pixel centres kept, as cv2.resize)."""
+    if scale == 1:
+        return affine
+    # original x = (x_up + 0.5) / s - 0.5
+    out = np.empty_like(affine)
+    out[:, :2] = affine[:, :2] / scale
+    out[:, 2] = affine[:, 2] + affine[:, :2] @ np.full(2, 0.5 / scale - 0.5)
+    return out
+
+
+class RestoreStage:
+    """GFPGAN restoration of a frame stream; see :meth:`process`.
+
+    ``checkpoint``: registry name (``gfpgan_v1.3``, ``gfpgan_v1.4``; downloaded into the cache
+    when missing) or a path to a released ``GFPGANv1.x.pth`` (``params_ema``, falling back to
+    ``params``, or a bare state dict). ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``, ... or a
+    ``torch.device``. ``region``: ``"mouth"`` (lower face only; the default after lip-sync) or
+    ``"face"``. ``weight`` in [0, 1] blends restored and input (0 = input unchanged, the network
+    is then never run). ``upscale`` (1, 2, 4) resizes every output frame (bicubic), the restored
+    face is pasted at the new size. ``batch_size``: faces per network call; None picks 1 on a
+    CPU (measured: larger batches are slower per face there) and 4 on a GPU.
+
+    Raises LipdubError for bad options or an unusable checkpoint.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike = DEFAULT_CHECKPOINT, device="auto", region: str = "mouth",
+                 weight: float = 1.0, upscale: int = 1, batch_size: int | None = None, skip_sha256: bool = False,
+                 progress: bool = True):
+        check_options(region, weight, upscale, batch_size)
+        dev = pick_device(device)
+        if batch_size is None:
+            batch_size = 1 if dev.type == "cpu" else 4
+        path = weights.resolve(checkpoint, skip_sha256=skip_sha256, progress=progress)
+        state = weights.load_state_dict(path, "gfpgan")  # params_ema, else params, else bare; checked
+        self._setup(Restorer(state, device=dev, batch_size=int(batch_size)), region, weight, upscale)
+        self.checkpoint = Path(path)
+
+    @classmethod
+    def from_restorer(cls, restorer, region: str = "mouth", weight: float = 1.0, upscale: int = 1) -> "RestoreStage":
+        """A stage around a ready :class:`lipdub.restore.Restorer` (or anything with ``size``,
+        ``batch_size`` and ``restore_crops(list of crops) -> list of crops``)."""
+        check_options(region, weight, upscale, getattr(restorer, "batch_size", 1))
+        stage = cls.__new__(cls)
+        stage._setup(restorer, region, weight, upscale)
+        stage.checkpoint = None
+        return stage
+
+    def _setup(self, restorer, region: str, weight: float, upscale: int) -> None:
+        self.restorer = restorer
+        self.region = region
+        self.weight = float(weight)
+        self.upscale = int(upscale)
+        self.batch_size = max(1, int(getattr(restorer, "batch_size", 1)))
+        #: frames held at most while faces are gathered for a batch (bounds memory)
+        self.max_pending = 2 * self.batch_size + 8
+        #: running totals over every process() call: counts and seconds per step
+        self.stats: dict[str, float] = {"frames": 0, "frames_restored": 0, "faces": 0,
+                                        "align_s": 0.0, "network_s": 0.0, "paste_s": 0.0, "resize_s": 0.0}
+
+    @property
+    def device(self):
+        return getattr(self.restorer, "device", None)
+
+    def process(self, frames: Iterable[np.ndarray], landmarks: Iterable[np.ndarray | None],
+                weights: Iterable[float] | None = None) -> Iterator[np.ndarray]:
+        """Restore a stream of BGR uint8 frames; yields one output frame per input frame, in order.
+
+        ``landmarks`` yields, per frame, ``None`` or five (x, y) points ``(5, 2)`` in frame pixels
+        (left eye, right eye, nose, left and right mouth corner, as seen in the image), or
+        ``(k, 5, 2)`` for several faces; a face whose points are not all finite (the face
+        track's NaN rows) is skipped. It must yield at least as many items as ``frames``.
+        ``weights`` (optional) yields a per-frame factor in [0, 1] multiplied into the stage's
+        weight (e.g. a face track's fade-in/out alpha).
+
+        Frames with a face are aligned to the FFHQ template, restored in batches of faces that
+        span consecutive frames, and pasted back only inside the region mask; all other pixels
+        and frames are passed through (resized when ``upscale`` > 1). Output frames are
+        ``(H * upscale, W * upscale, 3)`` uint8. Input frames are never modified; a pass-through
+        frame may be yielded as the very input array when ``upscale`` is 1. Lazy and bounded:
+        at most :attr:`max_pending` frames are held at once (by reference: do not modify a frame
+        after handing it over until its output has been yielded).
+        """
+        lm_iter = iter(landmarks)
+        w_iter = iter(weights) if weights is not None else None
+        pending: list[tuple[np.ndarray, list[np.ndarray], float]] = []
+        n_faces = 0
+        for index, frame in enumerate(frames):
+            if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3
+                    and frame.shape[2] == 3):
+                raise ValueError(f"frame {index} must be an HxWx3 uint8 BGR array")
+            try:
+                item = next(lm_iter)
+            except StopIteration:
+                raise ValueError(f"landmarks ended before the frames (at frame {index})") from None
+            w = self.weight
+            if w_iter is not None:
+                try:
+                    w *= min(1.0, max(0.0, float(next(w_iter))))
+                except StopIteration:
+                    raise ValueError(f"weights ended before the frames (at frame {index})") from None
+            faces = _face_list(item, index) if w > 0.0 else []
+            if not faces and not pending:
+                yield self._finish(frame, [], [], 0.0)  # nothing to wait for
+                continue
+            pending.append((frame, faces, w))
+            n_faces += len(faces)
+            if n_faces >= self.batch_size or len(pending) >= self.max_pending:
+                yield from self._flush(pending)
+                pending, n_faces = [], 0
+        if pending:
+            yield from self._flush(pending)
+
+    def _flush(self, pending: list[tuple[np.ndarray, list[np.ndarray], float]]) -> Iterator[np.ndarray]:
+        size = self.restorer.size
+        t = time.perf_counter()
+        crops: list[np.ndarray] = []
+        placed: list[list[tuple[int, np.ndarray]]] = []  # per frame: (crop index, affine)
+        for frame, faces, _ in pending:
+            mine = []
+            for lm in faces:
+                try:
+                    crop, affine = align_face(frame, lm, size)
+                except ValueError:  # degenerate landmarks (all points coincide)
+                    continue
+                mine.append((len(crops), affine))
+                crops.append(crop)
+            placed.append(mine)
+        t2 = time.perf_counter()
+        self.stats["align_s"] += t2 - t
+        restored = self.restorer.restore_crops(crops) if crops else []
+        self.stats["network_s"] += time.perf_counter() - t2
+        self.stats["faces"] += len(crops)
+        for (frame, _, w), mine in zip(pending, placed):
+            yield self._finish(frame, [restored[i] for i, _ in mine], [a for _, a in mine], w)
+
+    def _finish(self, frame: np.ndarray, faces: list[np.ndarray], affines: list[np.ndarray], w: float) -> np.ndarray:
+        """Upscale one frame and paste its restored faces."""
+        self.stats["frames"] += 1
+        out = frame
+        if self.upscale > 1:
+            t = time.perf_counter()
+            h, wd = frame.shape[:2]
+            out = cv2.resize(frame, (wd * self.upscale, h * self.upscale), interpolation=UPSCALE_INTERPOLATION)
+            self.stats["resize_s"] += time.perf_counter() - t
+        if faces:
+            t = time.perf_counter()
+            for face, affine in zip(faces, affines):
+                out = paste_back(out, face, _scale_affine(affine, self.upscale), region=self.region, weight=w)
+            self.stats["paste_s"] += time.perf_counter() - t
+            self.stats["frames_restored"] += 1
         return out

@@ -17,9 +17,11 @@ Environment variables are read at call time, never at import.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
-import importlib
+import http.client
 import os
+import pickle
 import re
 import sys
 import urllib.error
@@ -31,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
 from .errors import LipdubError
+from .models.gfpgan import GFPGANv1Clean
+from .models.s3fd import S3FD
+from .models.syncnet import SyncNetColor, SyncNetV2
+from .models.wav2lip import Wav2Lip, Wav2LipDiscQual
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0
@@ -103,14 +113,14 @@ REGISTRY: dict[str, WeightSpec] = {
     )
 }
 
-# kind -> (model class as "module:Class", human description used in messages)
-MODEL_CLASSES: dict[str, tuple[str, str]] = {
-    "wav2lip": ("lipdub.models.wav2lip:Wav2Lip", "Wav2Lip generator"),
-    "wav2lip_disc_qual": ("lipdub.models.wav2lip:Wav2LipDiscQual", "Wav2Lip visual quality discriminator"),
-    "syncnet_color": ("lipdub.models.syncnet:SyncNetColor", "SyncNet expert"),
-    "s3fd": ("lipdub.models.s3fd:S3FD", "S3FD face detector"),
-    "syncnet_v2": ("lipdub.models.syncnet:SyncNetV2", "SyncNet v2 (LSE metric)"),
-    "gfpgan": ("lipdub.models.gfpgan:GFPGANv1Clean", "GFPGAN v1.3/v1.4 restorer"),
+# kind -> (model class, human description used in messages)
+MODEL_CLASSES: dict[str, tuple[type[torch.nn.Module], str]] = {
+    "wav2lip": (Wav2Lip, "Wav2Lip generator"),
+    "wav2lip_disc_qual": (Wav2LipDiscQual, "Wav2Lip visual quality discriminator"),
+    "syncnet_color": (SyncNetColor, "SyncNet expert"),
+    "s3fd": (S3FD, "S3FD face detector"),
+    "syncnet_v2": (SyncNetV2, "SyncNet v2 (LSE metric)"),
+    "gfpgan": (GFPGANv1Clean, "GFPGAN v1.3/v1.4 restorer"),
 }
 ONNX_KIND = "onnx"
 KINDS = tuple(MODEL_CLASSES) + (ONNX_KIND,)
@@ -242,10 +252,6 @@ def _unsafe_global(message: str) -> str | None:
 def load_checkpoint(path: str | os.PathLike, display: str | None = None) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line LipdubErrors for
     empty, truncated, foreign or unsafe (needs arbitrary Python objects) files."""
-    import pickle
-
-    import torch
-
     path = Path(path)
     label = display or path.name
     try:
@@ -291,34 +297,23 @@ _SCHEMAS: dict[str, dict[str, tuple[int, ...]]] = {}
 _IDENTIFY_ORDER = ("wav2lip", "wav2lip_disc_qual", "syncnet_color", "s3fd", "syncnet_v2", "gfpgan")
 
 
-def _model_class(kind: str):
-    target, _ = MODEL_CLASSES[kind]
-    module_name, _, class_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
 def expected_schema(kind: str) -> dict[str, tuple[int, ...]]:
-    """{key: shape} of our own model class for `kind`, built on the meta device (cached).
-    Raises ImportError/AttributeError when that model module is not available."""
+    """{key: shape} of our own model class for `kind`, built on the meta device (cached)."""
     if kind not in MODEL_CLASSES:
         raise LipdubError(f"unknown weight kind '{kind}' (known: {', '.join(KINDS)})")
     schema = _SCHEMAS.get(kind)
     if schema is None:
-        import torch
-
-        cls = _model_class(kind)
         with torch.device("meta"):
-            model = cls()
+            model = MODEL_CLASSES[kind][0]()
         schema = OrderedDict((k, tuple(v.shape)) for k, v in model.state_dict().items())
         _SCHEMAS[kind] = schema
     return schema
 
 
-def _available_schema(kind: str) -> dict[str, tuple[int, ...]] | None:
-    try:
-        return expected_schema(kind)
-    except (ImportError, AttributeError):
-        return None
+def strip_module_prefix(state: Mapping[str, object]) -> "OrderedDict[str, object]":
+    """Keys without any ``module.`` (what DataParallel/DistributedDataParallel wrapping adds),
+    removed wherever it occurs, as the original inference does."""
+    return OrderedDict((key.replace("module.", ""), value) for key, value in state.items())
 
 
 def _unwrap(obj: object) -> object:
@@ -333,20 +328,16 @@ def _unwrap(obj: object) -> object:
 
 
 def _as_state_dict(obj: object, label: str) -> "OrderedDict[str, object]":
-    import torch
-
     inner = _unwrap(obj)
     if not isinstance(inner, Mapping):
         raise LipdubError(f"{label} does not contain a model state dict (found {type(inner).__name__})")
     if not inner:
         raise LipdubError(f"{label} contains an empty state dict")
-    out: OrderedDict[str, object] = OrderedDict()
     for key, value in inner.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             top = ", ".join(map(str, list(inner)[:5]))
             raise LipdubError(f"{label} does not contain a model state dict (entries such as {top})")
-        out[key.replace("module.", "")] = value
-    return out
+    return strip_module_prefix(inner)
 
 
 def _score(shapes: Mapping[str, tuple[int, ...]], schema: Mapping[str, tuple[int, ...]]) -> float:
@@ -367,10 +358,7 @@ def _identify(shapes: Mapping[str, tuple[int, ...]], exclude: str | None = None,
     for kind in _IDENTIFY_ORDER:
         if kind == exclude:
             continue
-        schema = _available_schema(kind)
-        if schema is None:
-            continue
-        score = _score(shapes, schema)
+        score = _score(shapes, expected_schema(kind))
         if score > best_score:
             best, best_score = kind, score
         if score >= 1.0:
@@ -410,15 +398,18 @@ def load_state_dict(path: str | os.PathLike, kind: str, display: str | None = No
     """Load `path` safely, unwrap the state dict, strip every ``module.`` from the keys and check
     the keys/shapes against our model for `kind`. Returns {key: Tensor} ready for a strict
     ``model.load_state_dict``; a missing BatchNorm ``num_batches_tracked`` is filled with 0."""
-    import torch
+    path = Path(path)
+    label = display or path.name
+    return check_state_dict(_as_state_dict(load_checkpoint(path, display=label), label), kind, label)
 
+
+def check_state_dict(state: Mapping[str, object], kind: str, label: str = "the state dict") -> dict:
+    """`state` (``module.`` already stripped) checked against our model for `kind`, in its order."""
     if kind not in MODEL_CLASSES:
         raise LipdubError(f"unknown weight kind '{kind}' for a PyTorch checkpoint "
                           f"(known: {', '.join(MODEL_CLASSES)})")
-    path = Path(path)
-    label = display or path.name
-    state = _as_state_dict(load_checkpoint(path, display=label), label)
-    schema = expected_schema(kind)  # our own class; an ImportError here is a bug, not a user error
+    state = OrderedDict(state)
+    schema = expected_schema(kind)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     problem = _structure_problem(shapes, schema)
     if problem is None:
@@ -432,14 +423,25 @@ def load_state_dict(path: str | os.PathLike, kind: str, display: str | None = No
     raise LipdubError(f"{label} is not {_a(_describe(kind))} checkpoint: {problem}")
 
 
+def load_model(name_or_path: str | os.PathLike, kind: str, device: torch.device | str = "cpu",
+               skip_sha256: bool = False, progress: bool = True) -> torch.nn.Module:
+    """The network for `kind` with the weights of a registry entry or file, in eval mode on `device`.
+
+    Built on the meta device and given the loaded tensors (``assign=True``), so the weights are in
+    memory once, not twice (145 MB for a Wav2Lip generator).
+    """
+    path = resolve(name_or_path, skip_sha256=skip_sha256, progress=progress)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path, kind).items()}
+    with torch.device("meta"):
+        model = MODEL_CLASSES[kind][0]()
+    model.load_state_dict(state, assign=True)
+    return model.to(device).eval()
+
+
 def check_onnx(path: str | os.PathLike, display: str | None = None) -> dict:
     """Open an ONNX model with onnxruntime and check it takes one image tensor (N, 3, H, W)."""
     path = Path(path)
     label = display or path.name
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
-        raise LipdubError(f"cannot check {label}: onnxruntime is not installed ({exc})") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -497,8 +499,7 @@ def _infer_kind(path: Path, label: str) -> str:
     state = _as_state_dict(obj, label)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for kind in _IDENTIFY_ORDER:
-        schema = _available_schema(kind)
-        if schema is not None and _structure_problem(shapes, schema) is None:
+        if _structure_problem(shapes, expected_schema(kind)) is None:
             return kind
     best, score = _identify(shapes, threshold=0.0)
     if best is None:
@@ -517,12 +518,7 @@ class _TransferError(Exception):
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise downloads of one file across processes (POSIX flock; a no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
+    """Serialise downloads of one file across processes (POSIX flock)."""
     with open(lock_path, "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -560,8 +556,6 @@ def _open(url: str, offset: int):
 def _fetch(url: str, part: Path, expected_size: int | None, progress: bool, label: str,
            _retry: bool = True) -> None:
     """Download `url` into `part`, resuming from its current length. Raises _TransferError."""
-    import http.client
-
     offset = part.stat().st_size if part.exists() else 0
     if expected_size is not None and offset > expected_size:
         part.unlink()
@@ -630,8 +624,6 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool, labe
 
 
 def _progress_bar(total: int | None, initial: int, label: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=label, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
 
@@ -770,6 +762,6 @@ def cmd_path(name: str) -> int:
 
 __all__ = [
     "REGISTRY", "KINDS", "WeightSpec", "home", "weights_dir", "cache_path", "resolve", "download",
-    "load_checkpoint", "load_state_dict", "expected_schema", "check_onnx", "verify", "sha256_file",
+    "load_checkpoint", "load_state_dict", "check_state_dict", "strip_module_prefix", "load_model", "expected_schema", "check_onnx", "verify", "sha256_file",
     "list_weights", "cmd_list", "cmd_download", "cmd_verify", "cmd_path",
 ]

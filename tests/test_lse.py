@@ -185,20 +185,6 @@ def test_invalid_frames_skip_windows(model, clip, result):
     np.testing.assert_allclose(res2["dists"], res["dists"], rtol=1e-6)
 
 
-def test_ms_per_window(model):
-    import time
-    x = torch.rand(10, 3, 5, 224, 224) * 255
-    with torch.no_grad():
-        model.forward_lip(x[:2])
-        t0 = time.perf_counter()
-        model.forward_lip(x)
-        t1 = time.perf_counter()
-        model.forward_aud(torch.randn(10, 1, 13, 20))
-        t2 = time.perf_counter()
-    print(f"SyncNetV2 on {torch.get_num_threads()} threads: lip {1000 * (t1 - t0) / 10:.1f} ms/window, "
-          f"audio {1000 * (t2 - t1) / 10:.1f} ms/window")
-
-
 # ----------------------------------------------------------------------------- cheap stand-in models
 
 

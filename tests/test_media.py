@@ -124,6 +124,48 @@ def test_v2_30fps_clock(media):
     assert len(ticks) == 199 and len(set(ticks)) == 199 and src.info.n_frames_estimate == 199
 
 
+def numbered_clip(path, fps: Fraction, n: int):
+    """n frames whose index is written in binary as 8 black or white stripes (H.264), at a constant `fps`."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0", "preset": "ultrafast"}
+        stream.codec_context.time_base = 1 / fps
+        for i in range(n):
+            bits = np.array([(i >> b) & 1 for b in range(8)], np.uint8) * 255
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.broadcast_to(
+                np.repeat(bits, 4)[None, :, None], (32, 32, 3))), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def frame_number(frame: np.ndarray) -> int:
+    stripes = frame[16, 2::4, 1] > 127
+    return int(sum(1 << b for b in range(8) if stripes[b]))
+
+
+@pytest.mark.parametrize("fps", [Fraction(30), Fraction(2997, 100), Fraction(25), Fraction(20), Fraction(50)])
+def test_clock_retimes_to_another_rate(tmp_path, fps):
+    """`VideoSource(fps=25)` shows at tick k the latest frame i before the middle of the tick
+    (i / fps < (k + 1/2) / 25), for as long as the source lasts (its duration rounded to ticks)."""
+    n = 97
+    clip = numbered_clip(tmp_path / "numbered.mp4", fps, n)
+    source = VideoSource(clip, fps=25)
+    shown = [frame_number(frame) for frame in source.frames()]
+    assert len(shown) == int(Fraction(n) * 25 / fps + Fraction(1, 2))
+    for k, i in enumerate(shown):
+        assert Fraction(i) / fps * 25 < k + Fraction(1, 2)
+        assert i == n - 1 or Fraction(i + 1) / fps * 25 >= k + Fraction(1, 2)
+    if fps == 25:
+        assert shown == list(range(n))
+    assert [frame_number(f) for f in VideoSource(clip, fps=25, max_frames=5).frames()] == shown[:5]
+
+
 def test_v5_starts_late_but_clock_starts_at_its_first_frame(v5_clock, media):
     src, ticks, _ = v5_clock
     raw, tb = packet_times(media / V5)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipdub.models.syncnet import SyncNetColor, SyncNetV2, load_syncnet_color, load_syncnet_v2
+from lipdub.models.syncnet import SyncNetColor, SyncNetV2
+from lipdub.weights import load_model
 
 from .conftest import SPECS, load_spec_module
 
@@ -108,7 +109,7 @@ def test_syncnet_v2_matches_golden(v2_model, golden_v2):
 def test_checkpoint_loaders(tmp_path, rule_a, golden_w2l, v2_model):
     ckpt = tmp_path / "syncnet_color.pth"
     rule_a.save_official_checkpoint("syncnet_color", str(ckpt))  # {"state_dict": {"module." + key: ...}}
-    model = load_syncnet_color(ckpt)
+    model = load_model(ckpt, "syncnet_color")
     assert not model.training
     with torch.no_grad():
         a, f = model(torch.from_numpy(golden_w2l["sync_mel"]), torch.from_numpy(golden_w2l["sync_face"]))
@@ -116,7 +117,7 @@ def test_checkpoint_loaders(tmp_path, rule_a, golden_w2l, v2_model):
 
     bare = tmp_path / "syncnet_v2.model"
     torch.save(v2_model.state_dict(), bare)  # the released file is a bare state dict
-    loaded = load_syncnet_v2(bare)
+    loaded = load_model(bare, "syncnet_v2")
     assert not loaded.training
     for (k1, t1), (k2, t2) in zip(loaded.state_dict().items(), v2_model.state_dict().items()):
         assert k1 == k2 and torch.equal(t1, t2)

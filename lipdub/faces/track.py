@@ -8,11 +8,12 @@ small arrays (a few numbers per frame), independent of the video's resolution.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import Face
+from ..errors import LipdubError
+from .base import Face, iou
 
 
 @dataclass
@@ -28,18 +29,11 @@ class FaceTrack:
     valid: np.ndarray  # (n,) bool
     alpha: np.ndarray  # (n,) float32
     landmarks: np.ndarray | None = None  # (n, 5, 2) float32
+    cuts: list[int] = field(default_factory=list)  # first frame of every shot after the first
 
     @property
     def coverage(self) -> float:
         return float(self.valid.mean()) if len(self.valid) else 0.0
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def _state(face: Face) -> np.ndarray:
@@ -122,10 +116,21 @@ def _smooth(boxes: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) of each run of True."""
-    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+def runs(mask: np.ndarray, bounds: list[int] | None = None) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in a 1-D mask, as ints; runs are split at `bounds`
+    (sorted frame indices, e.g. shot starts) when given."""
+    mask = np.asarray(mask, dtype=bool)
+    edges = [0] + [int(b) for b in (bounds or []) if 0 < b < len(mask)] + [len(mask)]
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        steps = np.diff(np.concatenate([[0], mask[lo:hi].astype(np.int8), [0]]))
+        out.extend((lo + int(a), lo + int(b)) for a, b in zip(np.flatnonzero(steps == 1), np.flatnonzero(steps == -1)))
+    return out
+
+
+def shot_bounds(n_frames: int, cuts: list[int]) -> list[int]:
+    """[0, cut, ..., n_frames]: the shot edges of a track of `n_frames` frames."""
+    return [0] + sorted({int(c) for c in cuts if 0 < c < n_frames}) + [n_frames]
 
 
 def build_track(
@@ -149,7 +154,7 @@ def build_track(
     """
     boxes = np.zeros((n_frames, 14), dtype=np.float64)  # box then landmarks, as `_state`
     valid = np.zeros(n_frames, dtype=bool)
-    bounds = [0] + sorted(c for c in set(cuts) if 0 < c < n_frames) + [n_frames]
+    bounds = shot_bounds(n_frames, cuts)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         frames = sorted(f for f in detections if start <= f < stop)
         target = choose_target(detections, frames, width, height, face_index)
@@ -167,13 +172,13 @@ def build_track(
     boxes[:, 3] = np.minimum(height, boxes[:, 3] + bottom)
     if smooth:
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            for a, b in _runs(valid[start:stop]):
+            for a, b in runs(valid[start:stop]):
                 boxes[start + a : start + b] = _smooth(boxes[start + a : start + b], smooth_window)
     int_boxes = np.round(boxes[:, :4]).astype(np.int64)
     valid &= (int_boxes[:, 2] - int_boxes[:, 0] >= 8) & (int_boxes[:, 3] - int_boxes[:, 1] >= 8)
     landmarks = boxes[:, 4:].reshape(n_frames, 5, 2).astype(np.float32)
     landmarks[~valid] = np.nan
-    return FaceTrack(int_boxes, valid, fade_alpha(valid, fade), landmarks)
+    return FaceTrack(int_boxes, valid, fade_alpha(valid, fade), landmarks, bounds[1:-1])
 
 
 def fade_alpha(valid: np.ndarray, fade: int) -> np.ndarray:
@@ -200,6 +205,4 @@ def fixed_track(box: tuple[int, int, int, int], n_frames: int, width: int, heigh
 
 
 def raise_box_error(box, width: int, height: int) -> None:
-    from ..errors import LipdubError
-
     raise LipdubError(f"--box {' '.join(map(str, box))} is outside the {width}x{height} frame (TOP BOTTOM LEFT RIGHT)")

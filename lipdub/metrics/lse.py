@@ -24,11 +24,14 @@ computed for every window position so that offsets keep their meaning.
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from itertools import islice
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import python_speech_features
+import scipy.signal
 import torch
 from torch.nn import functional as F
 
@@ -48,12 +51,6 @@ def mfcc_features(samples_int16_16k: np.ndarray) -> np.ndarray:
     ``samples_int16_16k`` are the raw int16 sample values (not scaled to [-1, 1]: the first
     coefficient is the log frame energy, so the scale matters). Float input is taken as is.
     """
-    try:
-        import python_speech_features
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the LSE metrics need python_speech_features (and scipy): pip install python_speech_features scipy"
-        ) from exc
     samples = np.asarray(samples_int16_16k)
     if samples.ndim != 1:
         raise ValueError(f"expected mono samples of shape (n,), got {samples.shape}")
@@ -62,14 +59,14 @@ def mfcc_features(samples_int16_16k: np.ndarray) -> np.ndarray:
 
 
 def medfilt(x: np.ndarray, kernel_size: int = 9) -> np.ndarray:
-    """1-D median filter with zero padding at both ends (``scipy.signal.medfilt`` semantics)."""
+    """``scipy.signal.medfilt`` (zero padding at both ends), also for series shorter than the
+    kernel, where scipy warns that it pads (which is what syncnet_python relies on)."""
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0:
         return x.copy()
-    half = kernel_size // 2
-    padded = np.concatenate([np.zeros(half), x, np.zeros(half)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel_size)
-    return np.median(windows, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return scipy.signal.medfilt(x, kernel_size)
 
 
 def _audio_frames_from_mfcc(n_mfcc: int) -> int:

@@ -140,25 +140,3 @@ class SyncNetV2(nn.Module):
 
     def forward(self, lip: torch.Tensor, mfcc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_lip(lip), self.forward_aud(mfcc)
-
-
-def load_syncnet_v2(path, map_location="cpu") -> SyncNetV2:
-    """Build :class:`SyncNetV2` from a ``syncnet_v2.model`` file (a bare state dict), eval mode."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    state = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state.items()}
-    model = SyncNetV2()
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def load_syncnet_color(path, map_location="cpu") -> SyncNetColor:
-    """Build :class:`SyncNetColor` from an official Wav2Lip checkpoint (``{"state_dict": ...}``,
-    keys possibly prefixed ``module.``) or a bare state dict, eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-    state = {k.replace("module.", ""): v for k, v in state.items()}
-    model = SyncNetColor()
-    model.load_state_dict(state, strict=True)
-    return model.eval()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import LipdubError
+
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -41,9 +43,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..errors import LipdubError
-
-    try:
+    try:  # deferred: FastAPI and uvicorn are the optional `serve` extra
         from .app import ServeConfig, run_server
     except ImportError as exc:
         raise LipdubError(f"lipdub serve needs FastAPI and uvicorn ({exc.name} is missing): "

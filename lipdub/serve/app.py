@@ -6,18 +6,20 @@ model is the one given to ``lipdub serve --checkpoint``.
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hmac
+import inspect
 import logging
 import os
-import re
 import shutil
 import unicodedata
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import parse_qs
+
+import uvicorn
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -27,8 +29,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from .. import __version__
+from .. import __version__, weights
+from ..device import pick_device
 from ..errors import LipdubError
+from ..options import SyncOptions, options_from_text, spec_of, web_fields
 from . import sniff
 from .store import FINISHED, JobStore, QueueFull, new_id, valid_id
 from .worker import WorkerPool
@@ -125,12 +129,6 @@ ERRORS = {401: {"model": ErrorBody, "description": "missing or wrong bearer toke
 # ------------------------------------------------------------------------------------ helpers
 
 
-def sync_option_fields() -> set[str]:
-    from ..pipeline import SyncOptions
-
-    return {f.name for f in dataclasses.fields(SyncOptions)}
-
-
 def display_name(name: str | None, fallback: str) -> str:
     """The client's file name, for display only: last path part, printable, at most 100 chars."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
@@ -138,17 +136,40 @@ def display_name(name: str | None, fallback: str) -> str:
     return base[:100] or fallback
 
 
-def _ints(text: str, n: int, what: str) -> tuple[int, ...]:
-    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != n:
-        raise HTTPException(422, f"{what} must be {n} integers (TOP BOTTOM LEFT RIGHT), got '{text[:60]}'")
-    if any(abs(v) > 100000 for v in values):
-        raise HTTPException(422, f"{what} values must be between -100000 and 100000")
-    return values
+RESTORE_ONLY = ("restore_region", "restore_weight", "upscale")  # ignored unless restore is on, as the page sends them
+
+
+def job_options(form: dict[str, str]) -> dict[str, Any]:
+    """The run options of an upload form (text values), checked with the one options schema.
+
+    Returns the web fields' values as JSON-ready data (the job row keeps them); raises
+    LipdubError with the CLI's message for a bad value and for a field that is not an option.
+    """
+    given = {k: v for k, v in form.items() if k not in ("face", "audio")}
+    values = options_from_text(given, web_fields())
+    if values.get("restore") is None:
+        for name in RESTORE_ONLY:
+            values.pop(name, None)
+    options = SyncOptions.build(**values)
+    names = [f.name for f in web_fields() if options.restore is not None or f.name not in RESTORE_ONLY]
+    return {name: list(v) if isinstance(v, tuple) else v for name in names for v in [getattr(options, name)]}
+
+
+def _form_signature(handler) -> inspect.Signature:
+    """The upload endpoint's parameters for OpenAPI: the two files and every web option, as text."""
+    params = [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+              inspect.Parameter("face", inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
+                                default=File(..., description="video or still image (png, jpg, webp, bmp) with the face")),
+              inspect.Parameter("audio", inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
+                                default=File(..., description="audio, or a video whose first audio stream drives the lips"))]
+    for f in web_fields():
+        spec = spec_of(f)
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        extra = f"; one of {', '.join(map(str, spec.choices))}" if spec.choices else ""
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=Form(None, description=f"{spec.help} (default {default}{extra})")))
+    return inspect.Signature(params, return_annotation=JSONResponse)
 
 
 def public_job(job: dict) -> dict:
@@ -261,18 +282,10 @@ class Guard:
 # ------------------------------------------------------------------------------------ app
 
 
-FORM_FIELDS = {"face", "audio", "blend", "restore", "restore_region", "restore_weight", "upscale", "pads",
-               "face_index", "smooth", "detector", "box", "fps", "length", "static", "resize_factor", "crop",
-               "rotate", "det_stride"}
+FORM_FIELDS = {"face", "audio"} | {f.name for f in web_fields()}
 
 
 def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | None = None) -> FastAPI:
-    fields = sync_option_fields()
-    restore_available = "restore" in fields
-    progress_available = "progress_callback" in fields
-
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if pool is not None:
@@ -334,66 +347,34 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | None = N
         """What this server offers: limits, worker count, whether restoration is available."""
         return {"version": __version__, "checkpoint": Path(config.checkpoint).name, "workers": config.workers,
                 "workers_alive": pool.alive() if pool is not None else 0, "max_upload_mb": config.max_upload_mb,
-                "max_queued": config.max_queued, "restore_available": restore_available,
-                "progress_available": progress_available, "counts": store.counts()}
+                "max_queued": config.max_queued, "restore_available": True,
+                "progress_available": True, "counts": store.counts()}
 
-    @app.post(
-        "/api/jobs", status_code=202, response_model=Job, dependencies=[Depends(auth)], tags=["jobs"],
-        responses={**ERRORS, 413: {"model": ErrorBody, "description": "upload larger than --max-upload-mb"},
-                   415: {"model": ErrorBody, "description": "a file is not media lipdub can read"},
-                   422: {"model": ErrorBody, "description": "invalid option"},
-                   429: {"model": ErrorBody, "description": "the queue is full (--max-queued); retry later"}},
-    )
-    async def create_job(
-        request: Request,
-        face: UploadFile = File(..., description="video or still image (png, jpg, webp, bmp) with the face"),
-        audio: UploadFile = File(..., description="audio, or a video whose first audio stream drives the lips"),
-        blend: Literal["feather", "box"] = Form("feather", description="feather: soft lower-face blend; box: "
-                                                                       "the original hard paste"),
-        restore: Optional[Literal["gfpgan", "none"]] = Form(None, description="restore the face with GFPGAN"),
-        restore_region: Literal["mouth", "face"] = Form("mouth", description="what restoration may change"),
-        restore_weight: float = Form(1.0, description="0..1 blend of restored and lip-synced face"),
-        upscale: int = Form(1, description="output size factor 1, 2 or 4 (with restore)"),
-        pads: str = Form("0 10 0 0", description="padding added to detected boxes: TOP BOTTOM LEFT RIGHT"),
-        face_index: Optional[int] = Form(None, description="drive the N-th face from the left (0-based)"),
-        smooth: bool = Form(True, description="smooth face boxes over time"),
-        detector: Literal["centerface", "s3fd"] = Form("centerface", description="face detector"),
-        box: Optional[str] = Form(None, description="fixed face box TOP BOTTOM LEFT RIGHT; skips detection"),
-        fps: float = Form(25.0, description="frame rate for a still image"),
-        length: Literal["pingpong", "loop"] = Form("pingpong", description="when the audio outlasts the video"),
-        static: bool = Form(False, description="use only the first frame of a video"),
-        resize_factor: int = Form(1, ge=1, le=16, description="downscale the input by this factor first"),
-        crop: str = Form("0 -1 0 -1", description="crop the input first: TOP BOTTOM LEFT RIGHT (-1 = edge)"),
-        rotate: bool = Form(False, description="rotate the input 90 degrees clockwise first"),
-        det_stride: int = Form(0, ge=0, le=1000, description="detect every N-th frame (0 = about 6 per second)"),
-    ) -> JSONResponse:
+    async def create_job(request: Request, face: UploadFile, audio: UploadFile, **_: Optional[str]) -> JSONResponse:
         """Upload a face and an audio file and queue a lip-sync job (multipart/form-data).
 
-        Returns the job (202) with its `id`; follow it with `GET /api/jobs/{id}`."""
+        Every other field is a run option with the name, values and checks of `lipdub run`
+        (`pads` and `box` as four integers). Returns the job (202) with its `id`; follow it with
+        `GET /api/jobs/{id}`."""
         form = await request.form()
         unknown = sorted(set(form.keys()) - FORM_FIELDS)
         if unknown:
             hint = " (the model is fixed by the server's --checkpoint)" if "checkpoint" in unknown else ""
             raise HTTPException(422, f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}")
-        options: dict[str, Any] = {
-            "blend": blend, "pads": list(_ints(pads, 4, "pads")), "face_index": face_index, "smooth": smooth,
-            "detector": detector, "box": list(_ints(box, 4, "box")) if box else None, "fps": fps, "length": length,
-            "static": static, "resize_factor": resize_factor, "crop": list(_ints(crop, 4, "crop")),
-            "rotate": rotate, "det_stride": det_stride,
-        }
-        if restore == "gfpgan":
-            if not restore_available:
-                raise HTTPException(422, "face restoration (restore=gfpgan) is not available in this lipdub version")
-            options.update(restore="gfpgan", restore_region=restore_region, restore_weight=restore_weight,
-                           upscale=upscale)
-        options = {k: v for k, v in options.items() if k in fields}
         try:
-            from ..pipeline import SyncOptions
-
-            SyncOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}).validate()
+            options = job_options({k: v for k, v in form.items() if isinstance(v, str)})
         except LipdubError as exc:
             raise HTTPException(422, str(exc)) from None
         return await run_in_threadpool(_accept, face, audio, options)
+
+    create_job.__signature__ = _form_signature(create_job)
+    app.post(
+        "/api/jobs", status_code=202, response_model=Job, dependencies=[Depends(auth)], tags=["jobs"],
+        responses={**ERRORS, 413: {"model": ErrorBody, "description": "upload larger than --max-upload-mb"},
+                   415: {"model": ErrorBody, "description": "a file is not media lipdub can read"},
+                   422: {"model": ErrorBody, "description": "invalid option"},
+                   429: {"model": ErrorBody, "description": "the queue is full (--max-queued); retry later"}},
+    )(create_job)
 
     def _accept(face: UploadFile, audio: UploadFile, options: dict) -> JSONResponse:
         uploads = []
@@ -537,9 +518,6 @@ def lock_data_dir(data: Path):
 
 def prepare(config: ServeConfig) -> tuple[JobStore, Any]:
     """Everything that can fail with a clear message before the server listens."""
-    from .. import weights
-    from ..pipeline import pick_device
-
     if config.workers < 1:
         raise LipdubError("--workers must be at least 1")
     if config.max_upload_mb <= 0:
@@ -575,8 +553,6 @@ def worker_config(config: ServeConfig) -> dict:
 
 
 def run_server(config: ServeConfig) -> int:
-    import uvicorn
-
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(message)s")
     store, lock = prepare(config)

@@ -10,7 +10,7 @@ to the queue.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import ctypes
 import gc
 import json
 import logging
@@ -22,6 +22,13 @@ import threading
 import time
 import traceback
 
+import torch
+
+from ..errors import LipdubError
+from ..generate import load_generator
+from ..models.wav2lip import Wav2Lip
+from ..options import SyncOptions
+from ..pipeline import sync
 from .store import JobStore
 
 log = logging.getLogger("lipdub.serve")
@@ -42,8 +49,6 @@ def _die_with_parent(parent_pid: int) -> None:
     """Have Linux kill this process when the server dies, whatever the way it dies."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except Exception:  # pragma: no cover - best effort; the ppid checks remain
             pass
@@ -90,44 +95,37 @@ def _public_message(message: str, paths: dict[str, str]) -> str:
     return message
 
 
-def _cache_generator(pipeline) -> None:
-    """Keep the generator loaded between jobs: the checkpoint and device are the server's."""
-    original = getattr(pipeline, "load_generator", None)
-    if original is None or getattr(original, "_lipdub_cached", False):
-        return
-    cache: dict = {}
+class GeneratorCache:
+    """The worker's generator, loaded by the first job and kept for the next ones (the checkpoint
+    and device are the server's, so they never change); `sync(model=cache)` calls it."""
 
-    def load_generator(checkpoint, device, skip_sha256=False, progress=True):
+    def __init__(self) -> None:
+        self._key: tuple[str, str] | None = None
+        self._model: Wav2Lip | None = None
+
+    def __call__(self, checkpoint: str, device: torch.device) -> Wav2Lip:
         key = (str(checkpoint), str(device))
-        if key not in cache:
-            cache.clear()
-            cache[key] = original(checkpoint, device, skip_sha256, progress)
-        return cache[key]
-
-    load_generator._lipdub_cached = True
-    pipeline.load_generator = load_generator
+        if self._key != key:
+            self._model = None  # let the old one go before the new one loads
+            self._model = load_generator(checkpoint, device, progress=False)
+            self._key = key
+        return self._model
 
 
-def run_job(store: JobStore, job: dict, config: dict, pid: int, parent_pid: int) -> str:
-    from lipdub import pipeline
-    from lipdub.errors import LipdubError
-
+def run_job(store: JobStore, job: dict, config: dict, pid: int, parent_pid: int,
+            model: GeneratorCache | None = None) -> str:
     job_id = job["id"]
     job_dir = store.job_dir(job_id)
     face, audio, output = job_dir / job["face_file"], job_dir / job["audio_file"], store.result_path(job_id)
-    fields = {f.name for f in dataclasses.fields(pipeline.SyncOptions)}
-    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in job["options"].items() if k in fields}
-    options.update(checkpoint=config["checkpoint"], device=config["device"], skip_sha256=config["skip_sha256"],
-                   progress=False)
     reporter = Reporter(store, job_id, pid, parent_pid)
-    if "progress_callback" in fields:
-        options["progress_callback"] = reporter
     paths = {str(face): job["face_name"], str(audio): job["audio_name"], str(output): "the result",
              str(job_dir) + os.sep: "", str(store.data) + os.sep: ""}
     started = time.monotonic()
     try:
         reporter.check()
-        result = pipeline.sync(face, audio, output, options=pipeline.SyncOptions(**options))
+        options = SyncOptions.build(**job["options"], checkpoint=config["checkpoint"], device=config["device"],
+                                    skip_sha256=config["skip_sha256"], progress=False, progress_callback=reporter)
+        result = sync(face, audio, output, options=options, model=model)
     except JobCancelled:
         output.unlink(missing_ok=True)
         store.finish(job_id, pid, "cancelled")
@@ -164,13 +162,9 @@ def worker_main(data: str, config: dict, parent_pid: int) -> None:
             os.nice(int(config["nice"]))
         except OSError:
             pass
-    import torch
-
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    from lipdub import pipeline
-
-    _cache_generator(pipeline)
+    model = GeneratorCache()
     store = JobStore(data)
     pid = os.getpid()
     while True:
@@ -181,7 +175,7 @@ def worker_main(data: str, config: dict, parent_pid: int) -> None:
             time.sleep(POLL_S)
             continue
         log.info("job %s: started (attempt %d)", job["id"], job["attempts"])
-        status = run_job(store, job, config, pid, parent_pid)
+        status = run_job(store, job, config, pid, parent_pid, model)
         log.info("job %s: %s", job["id"], status)
         gc.collect()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import time
 import traceback
@@ -30,9 +29,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
+from .. import audio as audio_mod
+from ..device import cpu_count
 from ..errors import LipdubError
+from ..faces import default_stride, load_detector, runs, track_video
+from ..media import VideoSource, load_audio, video_start_in_audio, write_atomic
 from .common import IMG_SIZE, T, write_json_atomic
+from .synth import write_wav
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"}
 MIN_FRAMES = 3 * T  # the original skips clips with <= 3*T frames; we need two windows 5 apart
@@ -63,19 +68,8 @@ def split_of(name: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def _runs(valid: np.ndarray) -> list[list[int]]:
-    edges = np.diff(np.concatenate([[0], valid.astype(np.int8), [0]]))
-    return [[int(a), int(b)] for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
-
-
 def process_clip(video: Path, out: Path, detector, crop_size: int = IMG_SIZE, min_frames: int = MIN_FRAMES) -> dict:
     """Preprocess one video into `out`. Returns {"status": "done"|"skipped", "reason", ...}."""
-    from .. import audio as audio_mod
-    from ..faces.track import build_track
-    from ..media import VideoSource, load_audio, video_start_in_audio
-    from ..pipeline import Timer, scan
-    from .synth import write_wav
-
     try:
         source = VideoSource(video)
         if source.info.is_image:
@@ -87,19 +81,16 @@ def process_clip(video: Path, out: Path, detector, crop_size: int = IMG_SIZE, mi
             return {"status": "skipped", "reason": f"no audio ({exc})"}
         if not np.any(wav):
             return {"status": "skipped", "reason": "no audio (silent track)"}
-        stride = max(1, round(fps / 6))
-        found = scan(source, detector, stride, Timer(), progress=False)
+        tick_pts, track = track_video(source, detector, stride=default_stride(fps), pads=(0, 10, 0, 0))
     except LipdubError as exc:
         return {"status": "skipped", "reason": f"unreadable ({exc})"}
-    n = len(found.tick_pts)
+    n = len(tick_pts)
     if n < min_frames:
         return {"status": "skipped", "reason": f"too short ({n} frames, need {min_frames})"}
-    track = build_track(found.detections, found.cuts, n, source.info.width, source.info.height,
-                        max_gap=2 * stride + 2)
     if not track.valid.any():
         return {"status": "skipped", "reason": "no face"}
-    runs = [r for r in _runs(track.valid) if r[1] - r[0] >= T]
-    usable = sum(b - a for a, b in runs)
+    face_runs = [[a, b] for a, b in runs(track.valid) if b - a >= T]
+    usable = sum(b - a for a, b in face_runs)
     if usable < min_frames:
         return {"status": "skipped", "reason": f"too short (face in {usable} usable frames, need {min_frames})"}
     mel = audio_mod.melspectrogram(wav).astype(np.float32)
@@ -110,9 +101,9 @@ def process_clip(video: Path, out: Path, detector, crop_size: int = IMG_SIZE, mi
         shutil.rmtree(out)
     out.mkdir(parents=True)
     keep = np.zeros(n, bool)
-    for a, b in runs:
+    for a, b in face_runs:
         keep[a:b] = True
-    for i, frame in enumerate(source.frames_at(found.tick_pts, range(n))):
+    for i, frame in enumerate(source.frames_at(tick_pts, range(n))):
         if not keep[i]:
             continue
         x1, y1, x2, y2 = track.boxes[i]
@@ -122,7 +113,7 @@ def process_clip(video: Path, out: Path, detector, crop_size: int = IMG_SIZE, mi
     # the mel of exactly what audio.wav holds (16-bit), as a reader of the original layout computes it
     mel = audio_mod.melspectrogram(load_audio(out / "audio.wav")).astype(np.float32)
     np.save(out / "mel.npy", mel)
-    meta = {"fps": fps, "n_frames": n, "runs": runs, "n_mel": int(mel.shape[1]), "crop_size": crop_size,
+    meta = {"fps": fps, "n_frames": n, "runs": face_runs, "n_mel": int(mel.shape[1]), "crop_size": crop_size,
             "source": str(video), **_source_id(video)}
     write_json_atomic(out / "meta.json", meta)
     return {"status": "done", "frames": usable, "fps": fps}
@@ -135,11 +126,7 @@ _worker_detector = None
 
 def _worker_init(detector_name: str, threads: int) -> None:
     global _worker_detector
-    import torch
-
     torch.set_num_threads(threads)
-    from ..faces.base import load_detector
-
     options = {"threads": threads} if detector_name == "centerface" else {}
     _worker_detector = load_detector(detector_name, "cpu", **options)
 
@@ -197,8 +184,8 @@ def preprocess(raw_dir: Path, data_dir: Path, workers: int = 0, detector: str = 
             for marker in ("meta.json", "skipped.json"):
                 (out / marker).unlink(missing_ok=True)
             jobs.append((name, str(video), str(out), crop_size))
-    workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2)))
-    threads = max(1, (os.cpu_count() or 2) // max(1, workers))
+    workers = workers or max(1, min(len(jobs), cpu_count()))
+    threads = max(1, cpu_count() // max(1, workers))
     if jobs:
         if workers == 1:
             _worker_init(detector, threads)
@@ -223,9 +210,7 @@ def preprocess(raw_dir: Path, data_dir: Path, workers: int = 0, detector: str = 
             lists[split_of(name, val_fraction)].append(name)
     (data_dir / "filelists").mkdir(exist_ok=True)
     for split, names in lists.items():
-        tmp = data_dir / "filelists" / f".{split}.txt.partial"
-        tmp.write_text("".join(f"{n}\n" for n in names))
-        os.replace(tmp, data_dir / "filelists" / f"{split}.txt")
+        write_atomic(data_dir / "filelists" / f"{split}.txt", "".join(f"{n}\n" for n in names))
     report = {
         "raw_dir": str(raw_dir), "videos": len(videos),
         "done": sum(r["status"] == "done" for r in results.values()),

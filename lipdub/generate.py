@@ -1,0 +1,66 @@
+"""The Wav2Lip generator as a stage: face crops and mel windows in, 96x96 mouths out.
+
+`generator_inputs` builds the network's face input exactly as the original inference does;
+`Generator` holds a loaded network with its device and precision and runs batches of it.
+Every job that draws mouths (run, batch, live) goes through here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from . import weights
+from .audio import MEL_STEP_SIZE
+from .device import autocast, pick_device, resolve_precision
+from .models.wav2lip import Wav2Lip
+
+FACE_SIZE = 96
+
+# What `sync(model=...)` accepts: a loaded network, or a loader called with the checkpoint and device.
+ModelSource = Union[Wav2Lip, Callable[[str, torch.device], Wav2Lip], None]
+
+
+def load_generator(checkpoint: str, device: torch.device | str = "cpu", skip_sha256: bool = False,
+                   progress: bool = True) -> Wav2Lip:
+    """A Wav2Lip generator from a registry name or an official-format `.pth`, in eval mode."""
+    return weights.load_model(checkpoint, "wav2lip", pick_device(device), skip_sha256, progress)
+
+
+def generator_inputs(frames: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
+    """(B, 6, 96, 96) float32: masked target and reference face, as the original builds them.
+
+    Division by 255 happens in float64 before the cast to float32, and the array is a
+    channels-last view (the memory layout the original hands to torch), because the CPU
+    convolutions round differently for the two layouts: with this one the predictions, and so
+    the truncated uint8 mouths, are bit-identical to the original's.
+    """
+    faces = np.stack([cv2.resize(f[b[1] : b[3], b[0] : b[2]], (FACE_SIZE, FACE_SIZE)) for f, b in zip(frames, boxes)])
+    masked = faces.copy()
+    masked[:, FACE_SIZE // 2 :] = 0
+    batch = np.concatenate((masked, faces), axis=3) / 255.0
+    return batch.astype(np.float32).transpose(0, 3, 1, 2)
+
+
+def mel_windows(mel: np.ndarray, starts: Sequence[int]) -> np.ndarray:
+    """(B, 1, 80, 16) float32: the mel window starting at each of `starts`."""
+    return np.stack([mel[:, s : s + MEL_STEP_SIZE] for s in starts])[:, None].astype(np.float32)
+
+
+class Generator:
+    """A loaded generator on its device, run at one precision (see `lipdub.device`)."""
+
+    def __init__(self, model: Wav2Lip, precision: str = "fp32"):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(self.device, precision)
+
+    def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        """(B, 96, 96, 3) float32 predictions in [0, 1] (BGR) for `generator_inputs` and `mel_windows`."""
+        face_t = torch.from_numpy(faces).to(self.device)
+        mel_t = torch.from_numpy(mels).to(self.device)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            preds = self.model(mel_t, face_t)
+        return preds.float().cpu().numpy().transpose(0, 2, 3, 1)

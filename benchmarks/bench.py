@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import CACHE, MEDIA, cached, spec_module
+from bench_common import CACHE, MEDIA, wav2lip_checkpoint
 
 CASES = {
     "v3-box": dict(face="v3_woman_glasses_524x524_25fps.mp4", box=(150, 450, 110, 410)),
@@ -32,11 +32,6 @@ CASES = {
     "v4-box": dict(face="v4_man_halfbody_hevc_1080x1920_25fps.mp4", box=(560, 1000, 300, 760)),
 }
 STAGES = ("decode", "detect", "generate", "blend", "restore", "encode")
-
-
-def checkpoint() -> Path:
-    """Rule-A generator weights in the official format, made once."""
-    return cached("wav2lip_rule_a.pth", lambda tmp: spec_module("fill_rule_a").save_official_checkpoint("wav2lip", tmp))
 
 
 def speech(seconds: float) -> Path:
@@ -78,7 +73,7 @@ def run_one(case: str, seconds: float, device: str, batch_size: int, long_video:
     face = long_face(spec["face"], seconds) if long_video else MEDIA / spec["face"]
     out = CACHE / f"out_{case}_{seconds:g}.mp4"
     start = time.perf_counter()
-    result = sync(face, speech(seconds), out, checkpoint=str(checkpoint()), box=spec.get("box"),
+    result = sync(face, speech(seconds), out, checkpoint=str(wav2lip_checkpoint()), box=spec.get("box"),
                   device=device, batch_size=batch_size, progress=False)
     wall = time.perf_counter() - start
     n = result.n_frames
@@ -127,7 +122,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args.seconds, args.device, args.batch_size, args.long_video)))
         return
-    checkpoint()
+    wav2lip_checkpoint()
     print(f"cpu: {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}")
     results = []
     if args.memory:

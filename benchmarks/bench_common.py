@@ -40,3 +40,8 @@ def cached(name: str, write: Callable[[str], None]) -> Path:
         write(str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
     return path
+
+
+def wav2lip_checkpoint() -> Path:
+    """Rule-A generator weights in the official checkpoint format, made once."""
+    return cached("wav2lip_rule_a.pth", lambda tmp: spec_module("fill_rule_a").save_official_checkpoint("wav2lip", tmp))

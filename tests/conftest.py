@@ -59,8 +59,7 @@ def gfpgan_checkpoint(tmp_path_factory, rule_b_gfpgan) -> Path:
 
 @pytest.fixture(scope="session")
 def media() -> Path:
-    if not MEDIA.is_dir():
-        pytest.skip(f"shared media not found at {MEDIA}")
+    assert MEDIA.is_dir(), f"shared media not found at {MEDIA} (set LIPDUB_SHARED)"
     return MEDIA
 
 

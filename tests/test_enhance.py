@@ -20,7 +20,7 @@ from lipdub.errors import LipdubError
 from lipdub.media import VideoSource, VideoWriter
 from lipdub.restore import RestoreStage
 
-from .conftest import SPECS, load_spec_module
+
 
 V3 = "v3_woman_glasses_524x524_25fps.mp4"
 P1 = "p1_astronaut_eileen_collins_512.png"

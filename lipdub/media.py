@@ -460,16 +460,18 @@ class VideoWriter:
 
     def __post_init__(self) -> None:
         self.path = check_writable(self.path)
-        self.temp = self.path.with_name(f".{self.path.stem}.partial{os.getpid()}.mp4")
         # The encoder's time base must be exact: a float rate (25.0, 29.97) becomes a fraction.
         self.fps = Fraction(self.fps).limit_denominator(1001)
 
     def __enter__(self) -> "VideoWriter":
         self._audio_packets: Iterator | None = None
         self._audio_source = None
+        self._output = atomic_output(self.path)
+        self.temp = self._output.__enter__()
         try:
             self._container = av.open(str(self.temp), "w", format="mp4")
         except (av.FFmpegError, OSError) as exc:
+            self._output.__exit__(LipdubError, None, None)
             raise LipdubError(f"cannot write {self.path}: {exc}") from None
         try:
             self._video = self._container.add_stream("libx264", rate=self.fps)
@@ -504,7 +506,7 @@ class VideoWriter:
                     closable.close()
                 except Exception:
                     pass
-        self.temp.unlink(missing_ok=True)
+        self._output.__exit__(LipdubError, None, None)  # deletes the temporary file
 
     def _audio_from(self, source, in_stream, rate, layout) -> Iterator[tuple[float, av.Packet]]:
         """Yield (time, packet); timestamps are counted from the first sample so audio starts at 0."""
@@ -571,7 +573,4 @@ class VideoWriter:
         except BaseException:
             self._discard()
             raise
-        if exc_type is None:
-            os.replace(self.temp, self.path)
-        else:
-            self.temp.unlink(missing_ok=True)
+        self._output.__exit__(exc_type, exc, tb)  # renamed into place, or deleted after an error

@@ -41,6 +41,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- batch
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="run many lip-sync jobs from a .jsonl or .csv manifest",
+                       description="Run every job of a manifest (.jsonl or .csv; fields face, audio, optional "
+                                   "output, and any run option by its name) with local worker processes, or as "
+                                   "Ray tasks on a cluster with --ray. Finished outputs are skipped on a re-run; "
+                                   "DIR/batch-report.json tells each job's outcome. Exit code 0 when every job "
+                                   "succeeded, 1 when some failed, 2 for a bad manifest.")
+    p.add_argument("jobs", metavar="JOBS", help="manifest: .jsonl (one JSON object per line) or .csv (a header row)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="where relative outputs and the report go")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="jobs at once: local worker processes, or Ray tasks in flight (0 = one per 2 CPU cores)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS|auto",
+                   help="run the jobs as Ray tasks on this cluster (needs the `cluster` extra)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    report = run_batch(args.jobs, args.out_dir, workers=args.workers, ray_address=args.ray,
+                       progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['done']} done, {report['skipped']} already complete, {report['failed']} failed "
+              f"of {report['total']} jobs; report in {report['report']}")
+    return 1 if report["failed"] else 0
+
+
 # -------------------------------------------------------------------------------------- restore
 
 def _add_restore(sub: argparse._SubParsersAction) -> None:
@@ -169,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipdub", description="Streaming Wav2Lip lip-sync.")
     parser.add_argument("--version", action="version", version=f"lipdub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_restore, _add_eval, _add_weights, add_serve, add_train):
+    for add in (_add_run, _add_batch, _add_restore, _add_eval, _add_weights, add_serve, add_train):
         add(sub)
     return parser
 

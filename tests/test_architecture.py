@@ -22,8 +22,8 @@ LAYERS = [
     ("stages", ["lipdub.blend", "lipdub.restore", "lipdub.metrics", "lipdub.generate", "lipdub.speech",
                 "lipdub.mask"]),
     ("jobs", ["lipdub.pipeline", "lipdub.enhance", "lipdub.evaluate", "lipdub.train", "lipdub.batch",
-              "lipdub.avatar", "lipdub.live"]),
-    ("top", ["lipdub.cli", "lipdub.serve", "lipdub.__main__", "lipdub"]),
+              "lipdub.avatar"]),
+    ("top", ["lipdub.cli", "lipdub.serve", "lipdub.live", "lipdub.__main__", "lipdub"]),
 ]
 MAX_DEFERRED = 10  # deferred imports of the package's own modules outside cli.py
 

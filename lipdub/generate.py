@@ -64,3 +64,21 @@ class Generator:
         with torch.inference_mode(), autocast(self.device, self.precision):
             preds = self.model(mel_t, face_t)
         return preds.float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+class GeneratorCache:
+    """A process's generator, loaded by its first job and kept for the next ones (a service or
+    batch worker); `sync(model=cache)` calls it with the job's checkpoint and device, and only a
+    different checkpoint or device loads again."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str] | None = None
+        self._model: Wav2Lip | None = None
+
+    def __call__(self, checkpoint: str, device: torch.device) -> Wav2Lip:
+        key = (str(checkpoint), str(device))
+        if self._key != key:
+            self._model = None  # let the old one go before the new one loads
+            self._model = load_generator(checkpoint, device, progress=False)
+            self._key = key
+        return self._model

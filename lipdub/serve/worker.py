@@ -25,8 +25,7 @@ import traceback
 import torch
 
 from ..errors import LipdubError
-from ..generate import load_generator
-from ..models.wav2lip import Wav2Lip
+from ..generate import GeneratorCache
 from ..options import SyncOptions
 from ..pipeline import sync
 from .store import JobStore
@@ -93,23 +92,6 @@ def _public_message(message: str, paths: dict[str, str]) -> str:
     for path, name in sorted(paths.items(), key=lambda kv: -len(kv[0])):
         message = message.replace(path, name)
     return message
-
-
-class GeneratorCache:
-    """The worker's generator, loaded by the first job and kept for the next ones (the checkpoint
-    and device are the server's, so they never change); `sync(model=cache)` calls it."""
-
-    def __init__(self) -> None:
-        self._key: tuple[str, str] | None = None
-        self._model: Wav2Lip | None = None
-
-    def __call__(self, checkpoint: str, device: torch.device) -> Wav2Lip:
-        key = (str(checkpoint), str(device))
-        if self._key != key:
-            self._model = None  # let the old one go before the new one loads
-            self._model = load_generator(checkpoint, device, progress=False)
-            self._key = key
-        return self._model
 
 
 def run_job(store: JobStore, job: dict, config: dict, pid: int, parent_pid: int,

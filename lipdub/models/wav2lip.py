@@ -1,7 +1,8 @@
-"""The Wav2Lip generator and its visual-quality discriminator.
+"""The Wav2Lip generator (96x96 and 256x256 faces) and its visual-quality discriminator.
 
-Module names and registration order reproduce the original implementation exactly, so the
-released `wav2lip.pth` / `wav2lip_gan.pth` state dicts load strictly, key for key.
+Module names and registration order reproduce the original implementations exactly, so the
+released `wav2lip.pth` / `wav2lip_gan.pth` (96) and the LiveTalking / Linly-Talker
+`wav2lip256.pth` / `wav2lipv2.pth` (256) state dicts load strictly, key for key.
 """
 from __future__ import annotations
 
@@ -53,24 +54,55 @@ def _res(c: int, k: int = 3) -> ConvBlock:
     return ConvBlock(c, c, k, 1, k // 2, residual=True)
 
 
-class Wav2Lip(nn.Module):
-    """Generator: (mel window, masked+reference face) -> 96x96 BGR face in (0, 1).
+# Layer tables of the generator per face size. The 96 one is the original Wav2Lip
+# (Rudrabha/Wav2Lip models/wav2lip.py); the 256 one is the higher-resolution generator that
+# LiveTalking ships as wav2lip256.pth and Linly-Talker as wav2lipv2.pth (its
+# models/wav2lip_v2.py). Both keep the audio encoder, the output block and the skip structure.
+#
+# Encoder: a 7x7 stem, then down stages (cin, cout, n_residual): one stride-2 3x3 conv followed
+# by n residual 3x3 convs, then a valid conv of `bottom` x `bottom` (the map is that size by
+# then) and a 1x1 conv down to (512, 1, 1).
+# Decoder: a 1x1 conv, a stride-1 ConvTranspose of `bottom` x `bottom` from 1x1 back to the
+# bottom size plus one residual conv, then up stages (cin, cout, n_residual): a stride-2 3x3
+# ConvTranspose (doubling the size) followed by n residual convs.
+_LAYOUTS = {
+    96: {
+        "bottom": 3,
+        "down": ((16, 32, 2), (32, 64, 3), (64, 128, 2), (128, 256, 2), (256, 512, 1)),
+        "up": ((1024, 512, 2), (768, 384, 2), (512, 256, 2), (320, 128, 2), (160, 64, 2)),
+    },
+    256: {
+        "bottom": 4,
+        "down": ((16, 32, 2), (32, 64, 3), (64, 128, 2), (128, 256, 2), (256, 512, 1), (512, 512, 1)),
+        "up": ((1024, 512, 1), (1024, 512, 2), (768, 384, 2), (512, 256, 2), (320, 128, 2), (160, 64, 2)),
+    },
+}
+FACE_SIZES = tuple(_LAYOUTS)
 
-    Inputs are `(B, 1, 80, 16)` mels and `(B, 6, 96, 96)` faces, or the training form
-    `(B, T, 1, 80, 16)` / `(B, 6, T, 96, 96)` which is folded time-major into the batch.
+
+class Wav2Lip(nn.Module):
+    """Generator: (mel window, masked+reference face) -> BGR face in (0, 1), at `face_size`.
+
+    `face_size` 96 is the original Wav2Lip; 256 is the higher-resolution generator of LiveTalking
+    (`wav2lip256.pth`) and Linly-Talker (`wav2lipv2.pth`). Inputs are `(B, 1, 80, 16)` mels and
+    `(B, 6, S, S)` faces (S = face_size: channels 0-2 the target with rows S/2.. zeroed, 3-5 the
+    reference), or the training form `(B, T, 1, 80, 16)` / `(B, 6, T, S, S)`, which is folded
+    time-major into the batch. The output is `(B, 3, S, S)` (or `(B, 3, T, S, S)`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, face_size: int = 96) -> None:
         super().__init__()
-        self.face_encoder_blocks = nn.ModuleList([
-            nn.Sequential(ConvBlock(6, 16, 7, 1, 3)),
-            nn.Sequential(ConvBlock(16, 32, 3, 2, 1), _res(32), _res(32)),
-            nn.Sequential(ConvBlock(32, 64, 3, 2, 1), _res(64), _res(64), _res(64)),
-            nn.Sequential(ConvBlock(64, 128, 3, 2, 1), _res(128), _res(128)),
-            nn.Sequential(ConvBlock(128, 256, 3, 2, 1), _res(256), _res(256)),
-            nn.Sequential(ConvBlock(256, 512, 3, 2, 1), _res(512)),
-            nn.Sequential(ConvBlock(512, 512, 3, 1, 0), ConvBlock(512, 512, 1, 1, 0)),
-        ])
+        if face_size not in _LAYOUTS:
+            raise ValueError(f"unsupported Wav2Lip face size {face_size} (supported: {FACE_SIZES})")
+        layout = _LAYOUTS[face_size]
+        bottom = layout["bottom"]
+        self.face_size = face_size
+        self.face_encoder_blocks = nn.ModuleList(
+            [nn.Sequential(ConvBlock(6, 16, 7, 1, 3))]
+            + [nn.Sequential(ConvBlock(cin, cout, 3, 2, 1), *(_res(cout) for _ in range(n)))
+               for cin, cout, n in layout["down"]]
+            + [nn.Sequential(ConvBlock(512, 512, bottom, 1, 0), ConvBlock(512, 512, 1, 1, 0))]
+        )
         self.audio_encoder = nn.Sequential(
             ConvBlock(1, 32, 3, 1, 1), _res(32), _res(32),
             ConvBlock(32, 64, 3, (3, 1), 1), _res(64), _res(64),
@@ -78,16 +110,16 @@ class Wav2Lip(nn.Module):
             ConvBlock(128, 256, 3, (3, 2), 1), _res(256),
             ConvBlock(256, 512, 3, 1, 0), ConvBlock(512, 512, 1, 1, 0),
         )
-        self.face_decoder_blocks = nn.ModuleList([
-            nn.Sequential(ConvBlock(512, 512, 1, 1, 0)),
-            nn.Sequential(ConvTransposeBlock(1024, 512, 3, 1, 0), _res(512)),
-            nn.Sequential(ConvTransposeBlock(1024, 512, 3, 2, 1, 1), _res(512), _res(512)),
-            nn.Sequential(ConvTransposeBlock(768, 384, 3, 2, 1, 1), _res(384), _res(384)),
-            nn.Sequential(ConvTransposeBlock(512, 256, 3, 2, 1, 1), _res(256), _res(256)),
-            nn.Sequential(ConvTransposeBlock(320, 128, 3, 2, 1, 1), _res(128), _res(128)),
-            nn.Sequential(ConvTransposeBlock(160, 64, 3, 2, 1, 1), _res(64), _res(64)),
-        ])
+        self.face_decoder_blocks = nn.ModuleList(
+            [nn.Sequential(ConvBlock(512, 512, 1, 1, 0)),
+             nn.Sequential(ConvTransposeBlock(1024, 512, bottom, 1, 0), _res(512))]
+            + [nn.Sequential(ConvTransposeBlock(cin, cout, 3, 2, 1, 1), *(_res(cout) for _ in range(n)))
+               for cin, cout, n in layout["up"]]
+        )
         self.output_block = nn.Sequential(ConvBlock(80, 32, 3, 1, 1), nn.Conv2d(32, 3, 1, 1, 0), nn.Sigmoid())
+
+    def extra_repr(self) -> str:
+        return f"face_size={self.face_size}"
 
     def forward(self, audio: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
         batch = audio.size(0)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..device import PRECISIONS
+from ..errors import LipdubError
+from . import expert, generator, preprocess, synth
+
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import synth
-
-    summary = synth(Path(args.out_dir), clips=args.clips, seconds=args.seconds, size=args.size, fps=args.fps,
+    summary = synth.synth(Path(args.out_dir), clips=args.clips, seconds=args.seconds, size=args.size, fps=args.fps,
                     val_fraction=args.val_fraction, seed=args.seed,
                     media=Path(args.media) if args.media else None, progress=not args.quiet)
     print(f"wrote {summary['clips']} clips ({summary['val']} val) of {summary['seconds']:g} s to {args.out_dir}")
@@ -24,11 +26,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from .preprocess import preprocess
-
-    from ..errors import LipdubError
-
-    report = preprocess(Path(args.raw_dir), Path(args.data_dir), workers=args.workers, detector=args.detector,
+    report = preprocess.preprocess(Path(args.raw_dir), Path(args.data_dir), workers=args.workers, detector=args.detector,
                         val_fraction=args.val_fraction, crop_size=args.crop_size, progress=not args.quiet)
     if not report["done"]:
         reasons = sorted({r.split(" (")[0] for r in report["skipped"].values()})
@@ -51,9 +49,12 @@ def _common_train(p: argparse.ArgumentParser, steps: int, batch: int, interval: 
     p.add_argument("--log-dir", default=None, help="TensorBoard / CSV logs and samples (default <output>_logs)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads, fixed for the run (0 = torch default, one per core)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the data order, the augmentation and the negatives "
+                        "(a run is repeatable for a given seed, thread count and machine)")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="bf16: forward passes under bfloat16 autocast, about 2x faster on CPUs with "
                         "AVX-512 BF16/AMX and on recent GPUs (weights and losses stay fp32); "
                         "auto: bf16 where the hardware has it natively (default fp32)")
@@ -70,9 +71,7 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _train_expert(args: argparse.Namespace) -> int:
-    from .expert import ExpertOptions, train_expert
-
-    result = train_expert(ExpertOptions(
+    result = expert.train_expert(expert.ExpertOptions(
         Path(args.data_dir), Path(args.output), steps=args.steps, batch_size=args.batch_size,
         eval_interval=args.eval_interval, eval_samples=args.eval_samples or 512,
         checkpoint_interval=args.checkpoint_interval, **_run_options(args)))
@@ -84,9 +83,7 @@ def _train_expert(args: argparse.Namespace) -> int:
 
 
 def _train_generator(args: argparse.Namespace) -> int:
-    from .generator import GeneratorOptions, train_generator
-
-    result = train_generator(GeneratorOptions(
+    result = generator.train_generator(generator.GeneratorOptions(
         Path(args.data_dir), Path(args.output), Path(args.expert), steps=args.steps, batch_size=args.batch_size,
         disc_lr=args.disc_lr, gan=args.gan, eval_interval=args.eval_interval, eval_samples=args.eval_samples or 64,
         checkpoint_interval=args.checkpoint_interval, sample_interval=args.sample_interval or args.eval_interval,

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..audio import MEL_FPS, MEL_STEP_SIZE, melspectrogram
 from ..errors import LipdubError
+from ..media import load_audio
 from .common import IMG_SIZE, T
 
 
@@ -149,8 +150,6 @@ def _load_mel(folder: Path) -> np.ndarray:
     path = folder / "mel.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
-    from ..media import load_audio
-
     return melspectrogram(load_audio(folder / "audio.wav")).astype(np.float32)
 
 

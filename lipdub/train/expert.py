@@ -15,11 +15,12 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ..device import autocast, pick_device, resolve_precision
 from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from .common import (
-    Dist, Logger, RunOptions, autocast, default_log_dir, init_distributed, load_optimizer_state, load_training_checkpoint,
-    pick_device, resolve_precision, save_checkpoint, sidecar, write_json_atomic,
+    Logger, RunOptions, barrier, default_log_dir, init_distributed, load_optimizer_state, load_training_checkpoint,
+    reproducible, save_checkpoint, sidecar, worker_init, write_json_atomic,
 )
 from .data import ExpertDataset, FixedBatches, StepBatches
 
@@ -41,16 +42,20 @@ def sync_loss(audio_emb: torch.Tensor, face_emb: torch.Tensor, label: torch.Tens
     return F.binary_cross_entropy(d.unsqueeze(1), label)
 
 
-def _loader(dataset, sampler, workers: int) -> DataLoader:
+def loader(dataset, sampler, workers: int, seed: int = 0) -> DataLoader:
+    """Batches in the sampler's order whatever the workers' timing (the DataLoader hands them out
+    in order; every item is seeded by its own number, see `lipdub.train.data`). The loader's own
+    generator, not torch's global one, seeds the workers."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=worker_init,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
 def evaluate_expert(model: SyncNetColor, dataset: ExpertDataset, n: int, batch_size: int, device, workers: int = 0) -> dict:
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
-    for x, mel, y in _loader(dataset, FixedBatches(n, batch_size), workers):
+    for x, mel, y in loader(dataset, FixedBatches(n, batch_size), workers):
         x, mel, y = x.to(device), mel.to(device), y.to(device)
         a, v = model(mel, x)
         d = F.cosine_similarity(a, v).clamp(0.0, 1.0)
@@ -61,11 +66,16 @@ def evaluate_expert(model: SyncNetColor, dataset: ExpertDataset, n: int, batch_s
 
 
 def train_expert(opts: ExpertOptions) -> dict:
+    """Train (or resume) the expert to `opts.steps`; seeded and on deterministic kernels (see
+    `lipdub.train.common.reproducible`)."""
+    with reproducible(opts.seed, opts.threads):
+        return _train_expert(opts)
+
+
+def _train_expert(opts: ExpertOptions) -> dict:
     dist_info = init_distributed(opts.device)
     device = pick_device(opts.device, dist_info.local_rank)
     precision = resolve_precision(device, opts.precision)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     if opts.steps < 0:
         raise LipdubError("--steps must be 0 or more")
     output = Path(opts.output)
@@ -114,9 +124,9 @@ def train_expert(opts: ExpertOptions) -> dict:
             last_eval = evaluate_expert(model, val_set, opts.eval_samples, opts.batch_size, device, opts.workers)
             log.scalars(step, {"eval/loss": last_eval["loss"], "eval/accuracy": last_eval["accuracy"]}, echo="expert eval")
 
-    loader = _loader(train_set, StepBatches(step, opts.steps, opts.batch_size, dist_info.rank, dist_info.world),
-                     opts.workers)
-    for x, mel, y in loader:
+    batches = loader(train_set, StepBatches(step, opts.steps, opts.batch_size, dist_info.rank, dist_info.world),
+                     opts.workers, opts.seed)
+    for x, mel, y in batches:
         net.train()
         x, mel, y = x.to(device), mel.to(device), y.to(device)
         with autocast(device, precision):
@@ -145,9 +155,6 @@ def train_expert(opts: ExpertOptions) -> dict:
     run_eval()
     checkpoint()
     log.close()
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(dist_info)
     return {"global_step": step, "global_epoch": epoch, "eval": last_eval, "output": str(output),
             "model": model}

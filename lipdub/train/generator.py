@@ -23,25 +23,27 @@ generated | ground truth, one row per frame) under the log folder.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import json
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
+from ..device import autocast, pick_device, resolve_precision
 from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from ..models.wav2lip import Wav2Lip, Wav2LipDiscQual
+from ..weights import load_state_dict
 from .common import (
-    Logger, RunOptions, autocast, broadcast_float, default_log_dir, init_distributed, load_optimizer_state,
-    load_training_checkpoint, pick_device, resolve_precision, save_checkpoint, sidecar, write_json_atomic,
+    Logger, RunOptions, barrier, broadcast_float, default_log_dir, init_distributed, load_optimizer_state,
+    load_training_checkpoint, reproducible, save_checkpoint, sidecar, write_json_atomic,
 )
 from .data import FixedBatches, GeneratorDataset, StepBatches
+from .expert import loader
 
 SYNC_THRESHOLD = 0.75
 DISC_WT = 0.07
@@ -69,12 +71,10 @@ def disc_path(output: Path) -> Path:
 
 
 def load_expert(path: Path, device) -> SyncNetColor:
-    from .. import weights
-
     if not Path(path).is_file():
         raise LipdubError(f"expert checkpoint not found: {path}")
     expert = SyncNetColor()
-    expert.load_state_dict(weights.load_state_dict(path, "syncnet_color"), strict=True)
+    expert.load_state_dict(load_state_dict(path, "syncnet_color"), strict=True)
     expert.to(device).eval()
     for p in expert.parameters():
         p.requires_grad_(False)
@@ -119,8 +119,7 @@ def evaluate_generator(model, expert, disc, dataset, n: int, batch_size: int, de
     sums = {"l1": 0.0, "sync": 0.0, "disc_real": 0.0, "disc_fake": 0.0, "perceptual": 0.0}
     batches = 0
     first = None
-    loader = DataLoader(dataset, batch_sampler=FixedBatches(n, batch_size), num_workers=workers)
-    for x, indiv, mel, gt in loader:
+    for x, indiv, mel, gt in loader(dataset, FixedBatches(n, batch_size), workers):
         x, indiv, mel, gt = x.to(device), indiv.to(device), mel.to(device), gt.to(device)
         g = model(indiv, x)
         sums["l1"] += float(F.l1_loss(g, gt))
@@ -138,11 +137,16 @@ def evaluate_generator(model, expert, disc, dataset, n: int, batch_size: int, de
 
 
 def train_generator(opts: GeneratorOptions) -> dict:
+    """Train (or resume) the generator to `opts.steps`; seeded and on deterministic kernels (see
+    `lipdub.train.common.reproducible`)."""
+    with reproducible(opts.seed, opts.threads):
+        return _train_generator(opts)
+
+
+def _train_generator(opts: GeneratorOptions) -> dict:
     dist_info = init_distributed(opts.device)
     device = pick_device(opts.device, dist_info.local_rank)
     precision = resolve_precision(device, opts.precision)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     if opts.steps < 0:
         raise LipdubError("--steps must be 0 or more")
     output = Path(opts.output)
@@ -235,10 +239,9 @@ def train_generator(opts: GeneratorOptions) -> dict:
                 cv2.imwrite(str(log_dir / "samples" / f"step{step:09d}.png"), sample_sheet(*first))
         sync_wt = broadcast_float(sync_wt, dist_info, device)
 
-    loader = DataLoader(train_set, batch_sampler=StepBatches(step, opts.steps, opts.batch_size, dist_info.rank,
-                                                             dist_info.world),
-                        num_workers=opts.workers, prefetch_factor=4 if opts.workers else None)
-    for x, indiv, mel, gt in loader:
+    batches = loader(train_set, StepBatches(step, opts.steps, opts.batch_size, dist_info.rank, dist_info.world),
+                     opts.workers, opts.seed)
+    for x, indiv, mel, gt in batches:
         if opts.sync_from_step is not None and step >= opts.sync_from_step and sync_wt == 0.0:
             sync_wt = on_weight
             log.print(f"generator: step {step} >= --sync-from-step {opts.sync_from_step}: "
@@ -295,10 +298,7 @@ def train_generator(opts: GeneratorOptions) -> dict:
     run_eval(sheet=True)
     checkpoint()
     log.close()
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(dist_info)
     return {"global_step": step, "global_epoch": epoch, "eval": last_eval, "syncnet_wt": sync_wt,
             "output": str(output),
             "model": model}

@@ -11,6 +11,11 @@ safe, structure-checked loading.
 * Structure checks build our own model class on the ``meta`` device (no memory, no weights) and
   compare key names and shapes, so a wrong file is reported as e.g. "x.pth looks like a SyncNet
   expert checkpoint, not a Wav2Lip generator" instead of a long strict-loading traceback.
+* Generators: the checkpoint decides. Asked for kind ``"wav2lip"``, the loader accepts the
+  original 96x96 generator and the 256x256 one (LiveTalking ``wav2lip256.pth``, Linly-Talker
+  ``wav2lipv2.pth``), told apart by a key fingerprint (``generator_variant``); the loaded model
+  has ``model.face_size``. Other community variants (288x288, the "384" SAM model, ...) get one
+  line saying what they look like and that they are not supported.
 
 Environment variables are read at call time, never at import.
 """
@@ -30,8 +35,9 @@ import urllib.request
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import onnxruntime as ort
 import torch
@@ -60,6 +66,7 @@ class WeightSpec:
     sha256: str | None
     kind: str
     description: str = ""
+    note: str = ""  # shown by `lipdub weights list`
 
 
 # Sizes and SHA-256 sums below are the ones published for these exact files (Git LFS pointers
@@ -81,6 +88,16 @@ REGISTRY: dict[str, WeightSpec] = {
             # LFS pointers of many mirrors (Nekochu/Wav2Lip, numz/wav2lip_studio, camenduru/Wav2Lip).
             435801865, "ca9ab7b7b812c0e80a6e70a5977c545a1e8a365a6c49d5e533023c034d7ac3d8",
             "wav2lip", "Wav2Lip + GAN generator (sharper mouths)"),
+        WeightSpec(
+            "wav2lip256", "wav2lip256.pth",
+            ("https://www.modelscope.cn/models/Kedreamix/Linly-Talker/resolve/master/checkpoints/wav2lipv2.pth",
+             "https://huggingface.co/Kedreamix/Linly-Talker/resolve/main/checkpoints/wav2lipv2.pth"),
+            # Linly-Talker's checkpoints/wav2lipv2.pth, the same network as LiveTalking's
+            # wav2lip256.pth (whose links are not direct downloads). Neither publishes a size or hash.
+            None, None,
+            "wav2lip256", "Wav2Lip 256x256 generator (LiveTalking / Linly-Talker), sharper mouths, slower",
+            "no size or SHA-256 is published for this file: only the structural check (every key "
+            "and shape of the 256x256 generator) guards the download"),
         WeightSpec(
             "s3fd", "s3fd.pth",
             ("https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth",),
@@ -113,9 +130,10 @@ REGISTRY: dict[str, WeightSpec] = {
     )
 }
 
-# kind -> (model class, human description used in messages)
-MODEL_CLASSES: dict[str, tuple[type[torch.nn.Module], str]] = {
+# kind -> (model constructor, human description used in messages)
+MODEL_CLASSES: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {
     "wav2lip": (Wav2Lip, "Wav2Lip generator"),
+    "wav2lip256": (partial(Wav2Lip, face_size=256), "Wav2Lip 256x256 generator"),
     "wav2lip_disc_qual": (Wav2LipDiscQual, "Wav2Lip visual quality discriminator"),
     "syncnet_color": (SyncNetColor, "SyncNet expert"),
     "s3fd": (S3FD, "S3FD face detector"),
@@ -125,11 +143,24 @@ MODEL_CLASSES: dict[str, tuple[type[torch.nn.Module], str]] = {
 ONNX_KIND = "onnx"
 KINDS = tuple(MODEL_CLASSES) + (ONNX_KIND,)
 
+# Generator variants: kind -> face size (the crop the network takes and draws). Asking for kind
+# "wav2lip" accepts any of them (the checkpoint decides); "wav2lip256" accepts only that one.
+GENERATOR_FACE_SIZE: dict[str, int] = {"wav2lip": 96, "wav2lip256": 256}
+GENERATOR_KINDS = tuple(GENERATOR_FACE_SIZE)
+_VARIANT_NOTES = {"wav2lip": "the original Wav2Lip: wav2lip.pth, wav2lip_gan.pth",
+                  "wav2lip256": "LiveTalking wav2lip256.pth / Linly-Talker wav2lipv2.pth"}
+
 
 def _describe(kind: str) -> str:
     if kind == ONNX_KIND:
         return "ONNX image model"
     return MODEL_CLASSES[kind][1]
+
+
+def _describe_found(kind: str) -> str:
+    """What a file of `kind` is, with the face size for a generator ("96x96 Wav2Lip generator")."""
+    size = GENERATOR_FACE_SIZE.get(kind)
+    return f"{size}x{size} Wav2Lip generator" if size else _describe(kind)
 
 
 def _a(description: str) -> str:
@@ -294,7 +325,8 @@ def load_checkpoint(path: str | os.PathLike, display: str | None = None) -> obje
 # Structure checks
 
 _SCHEMAS: dict[str, dict[str, tuple[int, ...]]] = {}
-_IDENTIFY_ORDER = ("wav2lip", "wav2lip_disc_qual", "syncnet_color", "s3fd", "syncnet_v2", "gfpgan")
+_IDENTIFY_ORDER = ("wav2lip", "wav2lip256", "wav2lip_disc_qual", "syncnet_color", "s3fd", "syncnet_v2",
+                   "gfpgan")
 
 
 def expected_schema(kind: str) -> dict[str, tuple[int, ...]]:
@@ -394,44 +426,137 @@ def _structure_problem(shapes: Mapping[str, tuple[int, ...]], schema: Mapping[st
     return None
 
 
+# Telling the generators apart (specs section 10): the 256x256 generator has an eighth face-encoder
+# block ending in a 4x4 valid conv, and its first decoder ConvTranspose is 4x4; the 96x96 one has
+# seven encoder blocks and a 3x3 ConvTranspose there.
+_ENC7 = "face_encoder_blocks.7.0.conv_block.0.weight"
+_DEC1 = "face_decoder_blocks.1.0.conv_block.0.weight"
+_FINGERPRINTS: dict[str, dict[str, tuple[int, ...] | None]] = {
+    "wav2lip": {_ENC7: None, _DEC1: (1024, 512, 3, 3)},  # None: the key is absent
+    "wav2lip256": {_ENC7: (512, 512, 4, 4), _DEC1: (1024, 512, 4, 4)},
+}
+_FINGERPRINT_HELP = (f"neither {_ENC7} (512, 512, 4, 4) with {_DEC1} (1024, 512, 4, 4) (256x256) nor "
+                     f"{_DEC1} (1024, 512, 3, 3) without face-encoder block 7 (96x96)")
+_SUPPORTED_GENERATORS = "use a 96x96 (wav2lip, wav2lip_gan) or the 256x256 (wav2lip256) Wav2Lip generator"
+
+
+def _shapes(state: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a state dict (tensors) or of a {key: shape} mapping already."""
+    return {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in state.items()}
+
+
+def _fingerprint_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    for variant, marks in _FINGERPRINTS.items():
+        # a mark of None means the key must be absent (shapes.get gives None then)
+        if all(shapes.get(key) == shape for key, shape in marks.items()):
+            return variant
+    return None
+
+
+def _has(shapes: Mapping[str, object], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in shapes)
+
+
+def _unsupported_generator(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What a Wav2Lip-style generator of an unsupported community layout looks like, else None.
+
+    Only the keys and shapes are looked at. An output activation (Sigmoid or Tanh) holds no
+    tensors, so a Tanh-output model is recognised here only by the other layers its published
+    versions change (SAM attention, audio refinement, a 1024-channel audio embedding, extra
+    encoder blocks or output layers); one with exactly the 96 or 256 layout cannot be told apart.
+    """
+    decoder = _has(shapes, "audio_encoder.") or _has(shapes, "face_decoder_blocks.")
+    if not (decoder and _has(shapes, "face_encoder_blocks.")):
+        return None  # not a Wav2Lip-style generator (the discriminators have no audio encoder or decoder)
+    sam = [p + "*" for p in ("sam.", "audio_refine.") if _has(shapes, p)]
+    if sam:
+        return f'the "384" SAM Wav2Lip model ({" and ".join(sam)} keys; Tanh output)'
+    blocks = {int(m.group(1)) for m in (re.match(r"face_encoder_blocks\.(\d+)\.", k) for k in shapes) if m}
+    if 8 in blocks:
+        n = max(blocks) + 1
+        if n == 9:
+            return "a 288x288 Wav2Lip generator (face_encoder_blocks.8.* keys: 9 face-encoder blocks)"
+        return (f"a Wav2Lip generator with {n} face-encoder blocks (face_encoder_blocks.{n - 1}.* keys; "
+                "e.g. the Tanh-output 512x512 community model)")
+    wide = [k for k, s in shapes.items() if k.startswith("audio_encoder.") and len(s) == 4 and s[0] > 512]
+    if wide:
+        return (f"a Wav2Lip generator with a {shapes[wide[-1]][0]}-channel audio embedding ({wide[-1]}; "
+                "the Tanh-output high-resolution community models)")
+    if _has(shapes, "output_block.2."):
+        return ("a Wav2Lip generator with a three-layer output block (output_block.2.* keys; "
+                "the Tanh-output 512x512 community model)")
+    prelu = [k for k in shapes if k.endswith(".act.weight")]
+    if prelu:
+        return f"a Wav2Lip generator with PReLU activations ({len(prelu)} *.act.weight keys)"
+    return None
+
+
+def generator_variant(state: Mapping[str, object], label: str = "the state dict") -> str:
+    """``"wav2lip"`` (96x96 faces) or ``"wav2lip256"`` (256x256) for a generator state dict (keys
+    without ``module.``; tensors or shapes), by the key fingerprint alone; ``GENERATOR_FACE_SIZE``
+    maps it to the face size. Raises a one-line LipdubError for anything else: an unsupported
+    community variant is named as such. (The full key/shape check is ``check_state_dict``'s.)"""
+    shapes = _shapes(state)
+    variant = _fingerprint_variant(shapes)
+    if variant is not None:
+        return variant
+    unsupported = _unsupported_generator(shapes)
+    if unsupported:
+        raise LipdubError(f"{label} looks like {unsupported}, which is not supported; {_SUPPORTED_GENERATORS}")
+    raise LipdubError(f"{label} is not a Wav2Lip generator checkpoint: {_FINGERPRINT_HELP}")
+
+
 def load_state_dict(path: str | os.PathLike, kind: str, display: str | None = None) -> dict:
     """Load `path` safely, unwrap the state dict, strip every ``module.`` from the keys and check
     the keys/shapes against our model for `kind`. Returns {key: Tensor} ready for a strict
-    ``model.load_state_dict``; a missing BatchNorm ``num_batches_tracked`` is filled with 0."""
+    ``model.load_state_dict``; a missing BatchNorm ``num_batches_tracked`` is filled with 0.
+    Kind ``"wav2lip"`` accepts every supported generator variant; ``generator_variant`` on the
+    result says which one it is."""
     path = Path(path)
     label = display or path.name
     return check_state_dict(_as_state_dict(load_checkpoint(path, display=label), label), kind, label)
 
 
 def check_state_dict(state: Mapping[str, object], kind: str, label: str = "the state dict") -> dict:
-    """`state` (``module.`` already stripped) checked against our model for `kind`, in its order."""
+    """`state` (``module.`` already stripped) checked against our model for `kind`, in its order.
+    For kind ``"wav2lip"`` the fingerprint picks the variant whose layout is checked."""
     if kind not in MODEL_CLASSES:
         raise LipdubError(f"unknown weight kind '{kind}' for a PyTorch checkpoint "
                           f"(known: {', '.join(MODEL_CLASSES)})")
     state = OrderedDict(state)
-    schema = expected_schema(kind)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    requested = kind
+    if kind == "wav2lip":  # any supported generator: the checkpoint decides
+        kind = _fingerprint_variant(shapes) or kind
+    schema = expected_schema(kind)
     problem = _structure_problem(shapes, schema)
     if problem is None:
         for key in schema:
             if key not in state:  # num_batches_tracked absent from old checkpoints
                 state[key] = torch.zeros((), dtype=torch.long)
         return OrderedDict((k, state[k]) for k in schema)
+    unsupported = _unsupported_generator(shapes)
+    if unsupported:
+        raise LipdubError(f"{label} looks like {unsupported}, which is not supported; {_SUPPORTED_GENERATORS}")
+    wanted = "Wav2Lip generator" if kind in GENERATOR_KINDS and requested == "wav2lip" else _describe(kind)
     other, _ = _identify(shapes, exclude=kind)
     if other is not None and _score(shapes, _SCHEMAS[other]) > _score(shapes, schema):
-        raise LipdubError(f"{label} looks like {_a(_describe(other))} checkpoint, not {_a(_describe(kind))}")
-    raise LipdubError(f"{label} is not {_a(_describe(kind))} checkpoint: {problem}")
+        raise LipdubError(f"{label} looks like {_a(_describe_found(other))} checkpoint, not {_a(wanted)}")
+    raise LipdubError(f"{label} is not {_a(wanted)} checkpoint: {problem}")
 
 
 def load_model(name_or_path: str | os.PathLike, kind: str, device: torch.device | str = "cpu",
                skip_sha256: bool = False, progress: bool = True) -> torch.nn.Module:
     """The network for `kind` with the weights of a registry entry or file, in eval mode on `device`.
 
-    Built on the meta device and given the loaded tensors (``assign=True``), so the weights are in
-    memory once, not twice (145 MB for a Wav2Lip generator).
+    Kind ``"wav2lip"`` builds whichever generator the checkpoint holds (96x96 or 256x256 faces);
+    the model's ``face_size`` says which. Built on the meta device and given the loaded tensors
+    (``assign=True``), so the weights are in memory once, not twice (145 MB for a Wav2Lip generator).
     """
     path = resolve(name_or_path, skip_sha256=skip_sha256, progress=progress)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path, kind).items()}
+    if kind in GENERATOR_KINDS:
+        kind = generator_variant(state, path.name)
     with torch.device("meta"):
         model = MODEL_CLASSES[kind][0]()
     model.load_state_dict(state, assign=True)
@@ -457,17 +582,21 @@ def check_onnx(path: str | os.PathLike, display: str | None = None) -> dict:
     return {"input": inputs[0].name, "input_shape": shape, "outputs": [o.name for o in session.get_outputs()]}
 
 
-def _structural_check(path: Path, kind: str, display: str | None = None) -> None:
+def _structural_check(path: Path, kind: str, display: str | None = None) -> str:
+    """Check `path` as `kind`; returns the kind found (for a generator, its variant)."""
     if kind == ONNX_KIND:
         check_onnx(path, display=display)
-    else:
-        load_state_dict(path, kind, display=display)
+        return kind
+    state = load_state_dict(path, kind, display=display)
+    return generator_variant(state, display or path.name) if kind in GENERATOR_KINDS else kind
 
 
 def verify(path: str | os.PathLike, kind: str | None = None) -> dict:
     """Check a weight file's structure (inferring its kind when None) and hash it. Returns
-    {"kind", "sha256", "size", "registry_name", "path"}; registry_name is the entry whose
-    published SHA-256 equals the file's, else None."""
+    {"kind", "face_size", "sha256", "size", "registry_name", "path"}: kind is the variant found
+    for a generator ("wav2lip" or "wav2lip256", even when `kind` "wav2lip" was asked for) and
+    face_size its face size (None for other kinds); registry_name is the entry whose published
+    SHA-256 equals the file's, else None."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise LipdubError(f"weights file not found: {path}")
@@ -477,11 +606,11 @@ def verify(path: str | os.PathLike, kind: str | None = None) -> dict:
     if kind is None:
         kind = _infer_kind(path, label)
     else:
-        _structural_check(path, kind, display=label)
+        kind = _structural_check(path, kind, display=label)
     digest = sha256_file(path)
     registry_name = next((s.name for s in REGISTRY.values() if s.sha256 and s.sha256 == digest), None)
-    return {"kind": kind, "sha256": digest, "size": path.stat().st_size,
-            "registry_name": registry_name, "path": str(path)}
+    return {"kind": kind, "face_size": GENERATOR_FACE_SIZE.get(kind), "sha256": digest,
+            "size": path.stat().st_size, "registry_name": registry_name, "path": str(path)}
 
 
 def _infer_kind(path: Path, label: str) -> str:
@@ -501,6 +630,9 @@ def _infer_kind(path: Path, label: str) -> str:
     for kind in _IDENTIFY_ORDER:
         if _structure_problem(shapes, expected_schema(kind)) is None:
             return kind
+    unsupported = _unsupported_generator(shapes)
+    if unsupported:
+        raise LipdubError(f"{label} looks like {unsupported}, which is not supported; {_SUPPORTED_GENERATORS}")
     best, score = _identify(shapes, threshold=0.0)
     if best is None:
         raise LipdubError(f"{label} does not match any known model layout ({len(shapes)} tensors)")
@@ -688,7 +820,7 @@ _download_entry = download  # `resolve` has a parameter called `download`
 
 def list_weights() -> list[dict]:
     """One dict per registry entry: name, kind, file, cached, path, size (published or None),
-    sha256 (published or None), sha256_known, urls, description."""
+    sha256 (published or None), sha256_known, urls, description, note."""
     rows = []
     for spec in REGISTRY.values():
         path = weights_dir() / spec.file
@@ -696,7 +828,7 @@ def list_weights() -> list[dict]:
             "name": spec.name, "kind": spec.kind, "file": spec.file, "cached": path.is_file(),
             "path": str(path), "size": spec.size, "sha256": spec.sha256,
             "sha256_known": spec.sha256 is not None, "urls": list(spec.urls),
-            "partial": _part_path(path).is_file(), "description": spec.description,
+            "partial": _part_path(path).is_file(), "description": spec.description, "note": spec.note,
         })
     return rows
 
@@ -720,6 +852,8 @@ def cmd_list() -> int:
         state = "cached" if r["cached"] else ("partial" if r["partial"] else "missing")
         sha = "sha256 known" if r["sha256_known"] else "sha256 unknown"
         print(f"{r['name']:<{width}}  {r['kind']:<10}  {_human_size(r['size']):>9}  {state:<7}  {sha:<14}  {r['file']}")
+        if r["note"]:
+            print(f"{'':<{width}}  note: {r['note']}")
     return 0
 
 
@@ -740,6 +874,9 @@ def cmd_verify(path: str) -> int:
     info = verify(target)
     print(f"file:     {info['path']}")
     print(f"kind:     {info['kind']} ({_describe(info['kind'])})")
+    if info["face_size"]:
+        size = info["face_size"]
+        print(f"variant:  {size}x{size} faces ({_VARIANT_NOTES[info['kind']]})")
     print(f"size:     {info['size']} bytes")
     print(f"sha256:   {info['sha256']}")
     if info["registry_name"]:
@@ -762,6 +899,8 @@ def cmd_path(name: str) -> int:
 
 __all__ = [
     "REGISTRY", "KINDS", "WeightSpec", "home", "weights_dir", "cache_path", "resolve", "download",
-    "load_checkpoint", "load_state_dict", "check_state_dict", "strip_module_prefix", "load_model", "expected_schema", "check_onnx", "verify", "sha256_file",
+    "load_checkpoint", "load_state_dict", "check_state_dict", "strip_module_prefix", "load_model",
+    "expected_schema", "check_onnx", "verify", "sha256_file",
+    "GENERATOR_FACE_SIZE", "GENERATOR_KINDS", "generator_variant",
     "list_weights", "cmd_list", "cmd_download", "cmd_verify", "cmd_path",
 ]

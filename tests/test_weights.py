@@ -169,11 +169,12 @@ def _part(state) -> Path:
 # Registry and locations
 
 def test_registry_entries_and_kinds():
-    assert set(weights.REGISTRY) == {"wav2lip", "wav2lip_gan", "s3fd", "gfpgan_v1.3", "gfpgan_v1.4",
-                                     "syncnet_v2", "centerface"}
+    assert set(weights.REGISTRY) == {"wav2lip", "wav2lip_gan", "wav2lip256", "s3fd", "gfpgan_v1.3",
+                                     "gfpgan_v1.4", "syncnet_v2", "centerface"}
     kinds = {n: s.kind for n, s in weights.REGISTRY.items()}
-    assert kinds == {"wav2lip": "wav2lip", "wav2lip_gan": "wav2lip", "s3fd": "s3fd", "gfpgan_v1.3": "gfpgan",
-                     "gfpgan_v1.4": "gfpgan", "syncnet_v2": "syncnet_v2", "centerface": "onnx"}
+    assert kinds == {"wav2lip": "wav2lip", "wav2lip_gan": "wav2lip", "wav2lip256": "wav2lip256", "s3fd": "s3fd",
+                     "gfpgan_v1.3": "gfpgan", "gfpgan_v1.4": "gfpgan", "syncnet_v2": "syncnet_v2",
+                     "centerface": "onnx"}
     for spec in weights.REGISTRY.values():
         assert spec.urls and all(u.startswith(("http://", "https://")) for u in spec.urls)
         assert spec.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
@@ -194,7 +195,7 @@ def test_home_reads_environment_at_call_time(tmp_path, monkeypatch):
 
 def test_resolve(lipdub_home, wav2lip_checkpoint):
     assert weights.resolve(str(wav2lip_checkpoint)) == wav2lip_checkpoint
-    with pytest.raises(LipdubError, match=r"unknown checkpoint 'nope' \(known: wav2lip, wav2lip_gan, s3fd"):
+    with pytest.raises(LipdubError, match=r"unknown checkpoint 'nope' \(known: wav2lip, wav2lip_gan, wav2lip256, s3fd"):
         weights.resolve("nope")
     with pytest.raises(LipdubError, match="checkpoint file not found: 'missing/dir/x.pth'"):
         weights.resolve("missing/dir/x.pth")
@@ -449,9 +450,10 @@ def test_missing_num_batches_tracked_is_filled(tmp_path, rule_a):
 
 def test_verify_infers_kind(wav2lip_checkpoint, disc_checkpoint, tmp_path, monkeypatch, generator_bytes):
     info = weights.verify(wav2lip_checkpoint)
-    assert info["kind"] == "wav2lip" and info["registry_name"] is None
+    assert info["kind"] == "wav2lip" and info["face_size"] == 96 and info["registry_name"] is None
     assert info["sha256"] == sha256(generator_bytes) and info["size"] == len(generator_bytes)
     assert weights.verify(disc_checkpoint)["kind"] == "wav2lip_disc_qual"
+    assert weights.verify(disc_checkpoint)["face_size"] is None
     assert weights.verify(disc_checkpoint, kind="wav2lip_disc_qual")["kind"] == "wav2lip_disc_qual"
     with pytest.raises(LipdubError, match="looks like a Wav2Lip visual quality discriminator"):
         weights.verify(disc_checkpoint, kind="wav2lip")
@@ -464,7 +466,8 @@ def test_verify_infers_kind(wav2lip_checkpoint, disc_checkpoint, tmp_path, monke
         weights.verify(junk)
     onnx = _centerface_onnx()
     if onnx is not None:
-        assert weights.verify(onnx) == {"kind": "onnx", "sha256": weights.REGISTRY["centerface"].sha256,
+        assert weights.verify(onnx) == {"kind": "onnx", "face_size": None,
+                                        "sha256": weights.REGISTRY["centerface"].sha256,
                                         "size": 7304518, "registry_name": "centerface", "path": str(onnx)}
         bad = tmp_path / "bad.onnx"
         bad.write_bytes(onnx.read_bytes()[:100_000])
@@ -485,7 +488,7 @@ def test_list_and_cli_functions(lipdub_home, capsys):
     (lipdub_home / "weights").mkdir(parents=True)
     (lipdub_home / "weights" / "s3fd.pth").write_bytes(b"x")
     assert weights.cmd_path("s3fd") == 0
-    assert weights.list_weights()[2]["cached"] is True
+    assert {r["name"]: r["cached"] for r in weights.list_weights()}["s3fd"] is True
     with pytest.raises(LipdubError, match="unknown checkpoint 'foo'"):
         weights.cmd_download("foo")
     with pytest.raises(LipdubError, match="unknown checkpoint 'foo'"):

@@ -306,6 +306,24 @@ def test_wrong_model_served_is_named(mirror, syncnet_checkpoint):
     assert not _final(mirror).exists() and not _part(mirror).exists()
 
 
+def test_wav2lip256_download_is_guarded_by_structure_only(mirror, generator_bytes, tmp_path, rule_a):
+    """No size or hash is published for wav2lip256: any bytes with the 256x256 generator's layout
+    are accepted without --skip-sha256, anything else is refused and removed."""
+    path_256 = tmp_path / "w256.pth"
+    rule_a.save_official_checkpoint("wav2lip256", str(path_256), seed_base=1000)
+    mirror.files["wav2lip256.pth"] = generator_bytes  # a 96x96 generator served under the 256 name
+    with pytest.raises(LipdubError, match=r"failed verification and was removed: wav2lip256.pth \(from .*\) "
+                                          r"looks like a 96x96 Wav2Lip generator checkpoint, not a Wav2Lip "
+                                          r"256x256 generator$"):
+        weights.download("wav2lip256", progress=False)
+    final = mirror.home / "weights" / "wav2lip256.pth"
+    assert not final.exists() and not final.with_name("wav2lip256.pth.part").exists()
+    mirror.files["wav2lip256.pth"] = path_256.read_bytes()
+    assert weights.download("wav2lip256", progress=False) == final
+    assert mirror.requests[-1] == ("wav2lip256.pth", None, 200)
+    assert weights.load_model("wav2lip256", "wav2lip", progress=False).face_size == 256
+
+
 def test_network_errors_name_the_url(mirror, monkeypatch):
     with pytest.raises(LipdubError, match=re.escape(f"from {mirror.url}/wav2lip.pth: HTTP 404")):
         weights.download("wav2lip", progress=False)

@@ -526,8 +526,8 @@ def check_state_dict(state: Mapping[str, object], kind: str, label: str = "the s
     state = OrderedDict(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     requested = kind
-    if kind == "wav2lip":  # any supported generator: the checkpoint decides
-        kind = _fingerprint_variant(shapes) or kind
+    if kind == "wav2lip":  # any supported generator: the checkpoint decides (else report the closer one)
+        kind = _fingerprint_variant(shapes) or max(GENERATOR_KINDS, key=lambda k: _score(shapes, expected_schema(k)))
     schema = expected_schema(kind)
     problem = _structure_problem(shapes, schema)
     if problem is None:

@@ -176,6 +176,15 @@ def test_both_directions_through_the_loader(tmp_path, checkpoint_256, wav2lip_ch
         weights.load_model(tmp_path / "bad256.pth", "wav2lip", progress=False)
 
 
+def test_broken_fingerprint_is_reported_against_the_closer_layout(tmp_path, checkpoint_256):
+    sd = weights.load_state_dict(checkpoint_256, "wav2lip")
+    del sd["face_encoder_blocks.7.0.conv_block.0.weight"]
+    torch.save({"state_dict": sd}, tmp_path / "cut256.pth")
+    with pytest.raises(LipdubError, match=r"^cut256.pth is not a Wav2Lip generator checkpoint: missing 1 key "
+                                          r"\(e.g. face_encoder_blocks.7.0.conv_block.0.weight\)$"):
+        weights.load_state_dict(tmp_path / "cut256.pth", "wav2lip")
+
+
 def test_tanh_output_is_invisible_in_the_state_dict():
     """Why a Tanh-output model with exactly the 96 or 256 layout cannot be refused from its keys:
     the output activation holds no tensors, so its state dict is the Sigmoid model's, key for key."""

@@ -17,14 +17,20 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run the web app and HTTP API (job queue, progress, playback)",
         description="Serve a web page and an HTTP API (OpenAPI at /docs) that queue lip-sync jobs. Jobs live in "
-                    "SQLite under --data and survive restarts; worker processes run them.")
+                    "SQLite under --data and survive restarts; worker processes run them, or Ray tasks on a "
+                    "cluster with --ray.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--data", default="./lipdub-data", help="folder for the job database, uploads and results "
                                                            "(default ./lipdub-data)")
     p.add_argument("--checkpoint", default="wav2lip_gan",
                    help="registry name (wav2lip, wav2lip_gan) or a .pth path; clients cannot choose another")
-    p.add_argument("--workers", type=int, default=1, help="worker processes, i.e. jobs run at once (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, i.e. jobs run at once (default 1); with --ray, jobs in flight on the "
+                        "cluster (default: twice what it runs at once)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS|auto",
+                   help="run the jobs as Ray tasks on this cluster instead of local processes (needs the "
+                        "`cluster` extra); the job table, limits and page stay on this server")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per worker (default: cores / workers)")
     p.add_argument("--max-upload-mb", type=float, default=200.0,
@@ -50,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
                           f"pip install 'lipdub[serve]'") from None
     token = args.token if args.token is not None else os.environ.get("LIPDUB_TOKEN") or None
     config = ServeConfig(
-        data=args.data, checkpoint=args.checkpoint, host=args.host, port=args.port, workers=args.workers,
+        data=args.data, checkpoint=args.checkpoint, host=args.host, port=args.port, workers=args.workers, ray=args.ray,
         device=args.device, threads=args.threads, max_upload_mb=args.max_upload_mb, max_queued=args.max_queued,
         max_attempts=args.max_attempts, token=token, skip_sha256=args.skip_sha256, access_log=args.access_log,
         log_level=args.log_level)

@@ -35,7 +35,7 @@ from ..errors import LipdubError
 from ..options import SyncOptions, options_from_text, spec_of, web_fields
 from . import sniff
 from .store import FINISHED, JobStore, QueueFull, new_id, valid_id
-from .worker import WorkerPool
+from .worker import RayPool, WorkerPool
 
 log = logging.getLogger("lipdub.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -50,7 +50,8 @@ class ServeConfig:
     checkpoint_path: str | None = None  # resolved file, set at start-up
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 1
+    workers: int | None = None  # local worker processes (default 1), or jobs in flight on Ray (default: automatic)
+    ray: str | None = None  # run the jobs as Ray tasks on this cluster (an address, or "auto")
     device: str = "auto"
     threads: int = 0  # torch threads per worker (0 = CPU cores / workers)
     max_upload_mb: float = 200.0
@@ -285,13 +286,15 @@ class Guard:
 FORM_FIELDS = {"face", "audio"} | {f.name for f in web_fields()}
 
 
-def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | None = None) -> FastAPI:
+def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if pool is not None:
             pool.start()
-        log.info("lipdub serve: http://%s:%d (data %s, checkpoint %s, %d worker%s)", config.host, config.port,
-                 store.data, config.checkpoint, config.workers, "" if config.workers == 1 else "s")
+        slots = pool.slots() if pool is not None else 0
+        log.info("lipdub serve: http://%s:%d (data %s, checkpoint %s, %d %s%s)", config.host, config.port,
+                 store.data, config.checkpoint, slots, "jobs at once on Ray" if config.ray else "worker",
+                 "" if slots == 1 or config.ray else "s")
         try:
             yield
         finally:
@@ -345,7 +348,8 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | None = N
     @app.get("/api/info", response_model=Info, responses=ERRORS, dependencies=[Depends(auth)], tags=["server"])
     def info() -> dict:
         """What this server offers: limits, worker count, whether restoration is available."""
-        return {"version": __version__, "checkpoint": Path(config.checkpoint).name, "workers": config.workers,
+        workers = pool.slots() if pool is not None else (config.workers or 1)
+        return {"version": __version__, "checkpoint": Path(config.checkpoint).name, "workers": workers,
                 "workers_alive": pool.alive() if pool is not None else 0, "max_upload_mb": config.max_upload_mb,
                 "max_queued": config.max_queued, "restore_available": True,
                 "progress_available": True, "counts": store.counts()}
@@ -518,8 +522,8 @@ def lock_data_dir(data: Path):
 
 def prepare(config: ServeConfig) -> tuple[JobStore, Any]:
     """Everything that can fail with a clear message before the server listens."""
-    if config.workers < 1:
-        raise LipdubError("--workers must be at least 1")
+    if config.workers is not None and config.workers < (0 if config.ray else 1):
+        raise LipdubError("--workers must be at least 1" + (" (or 0: automatic, with --ray)" if config.ray else ""))
     if config.max_upload_mb <= 0:
         raise LipdubError("--max-upload-mb must be more than 0")
     if config.max_queued < 0 or config.max_attempts < 1:
@@ -547,7 +551,7 @@ def prepare(config: ServeConfig) -> tuple[JobStore, Any]:
 
 
 def worker_config(config: ServeConfig) -> dict:
-    threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
+    threads = config.threads or max(1, (os.cpu_count() or 1) // (config.workers or 1))
     return {"checkpoint": config.checkpoint_path, "device": config.device, "skip_sha256": config.skip_sha256,
             "threads": threads, "nice": config.nice}
 
@@ -556,7 +560,16 @@ def run_server(config: ServeConfig) -> int:
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(message)s")
     store, lock = prepare(config)
-    pool = WorkerPool(store, worker_config(config), config.workers, cancel_grace_s=config.cancel_grace_s)
+    if config.ray:
+        pool = RayPool(store, worker_config(config), config.ray, config.workers or 0,
+                       cancel_grace_s=config.cancel_grace_s)
+        try:
+            pool.connect()  # a cluster that cannot be reached is one line and exit code 2, before listening
+        except BaseException:
+            lock.close()
+            raise
+    else:
+        pool = WorkerPool(store, worker_config(config), config.workers or 1, cancel_grace_s=config.cancel_grace_s)
     app = create_app(config, store, pool)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.access_log,

@@ -6,6 +6,9 @@ learns about cancel requests) with one UPDATE per report, and records the outcom
 side (`WorkerPool`) starts the workers, replaces one that dies (failing only the job it held),
 kills one that ignores a cancel, and on a clean shutdown stops them and gives their jobs back
 to the queue.
+
+With ``lipdub serve --ray ADDRESS`` a `RayPool` takes the pool's place: the same table, claims
+and outcomes, but each job runs as a Ray task on the cluster (see `RayPool`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import traceback
 
 import torch
 
+from ..batch import RayRunner
 from ..errors import LipdubError
 from ..generate import GeneratorCache
 from ..options import SyncOptions
@@ -55,6 +59,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def job_progress(stage: str, done: int, total: int, scanned: bool) -> float | None:
+    """A job's progress 0..1 from the pipeline's (stage, done, total): the face scan, when there
+    is one, fills the first SCAN_SHARE of the bar; None for a stage that does not move it."""
+    frac = min(1.0, max(0.0, done / total)) if total else 0.0
+    if stage == "scan":
+        return SCAN_SHARE * frac
+    if stage == "render":
+        return SCAN_SHARE + (1.0 - SCAN_SHARE) * frac if scanned else frac
+    return None
+
+
 class Reporter:
     """The `progress_callback(stage, done, total)` of one job: progress 0..1 into the store."""
 
@@ -66,15 +81,9 @@ class Reporter:
         self.progress = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        frac = min(1.0, max(0.0, done / total)) if total else 0.0
-        if stage == "scan":
-            self.scanned = True
-            progress = SCAN_SHARE * frac
-        elif stage == "render":
-            progress = SCAN_SHARE + (1.0 - SCAN_SHARE) * frac if self.scanned else frac
-        else:
-            progress = self.progress
-        self.progress = max(self.progress, min(progress, 0.999))
+        self.scanned = self.scanned or stage == "scan"
+        progress = job_progress(stage, done, total, self.scanned)
+        self.progress = max(self.progress, min(self.progress if progress is None else progress, 0.999))
         now = time.monotonic()
         if stage != self.stage or now - self.last_write >= REPORT_S:
             self.stage, self.last_write = stage, now
@@ -206,6 +215,9 @@ class WorkerPool:
     def alive(self) -> int:
         return sum(1 for p in self.procs if p is not None and p.poll() is None)
 
+    def slots(self) -> int:
+        return self.n
+
     def _supervise(self) -> None:
         while not self._stop.wait(self.supervise_s):
             try:
@@ -258,6 +270,164 @@ class WorkerPool:
                     log.info("job %s: back in the queue (server shutdown)", job_id)
         if self._thread is not None:
             self._thread.join(timeout=2.0)
+
+
+# ------------------------------------------------------------------------------------ Ray
+
+
+class RayPool:
+    """`lipdub serve --ray ADDRESS`: jobs run as Ray tasks on a cluster instead of local processes.
+
+    The API, its SQLite table, limits and page are unchanged. A dispatcher thread in the server
+    claims queued jobs (as the worker ``os.getpid()``), runs each as a Ray task through
+    `lipdub.batch.RayRunner` (a GPU per job where the cluster has them, else a CPU; uploads
+    shipped through Ray's object store when a node does not see the data folder, and the result
+    back the same way), copies the tasks' progress into the table, and forwards cancels (Ray's
+    cancel, then its forced cancel after the grace time). Ray re-runs a task whose node or
+    worker is lost (`RAY_MAX_RETRIES`); after that the job fails with the cluster's reason. Every
+    claimed job ends done, failed or cancelled: none is left running.
+    """
+
+    def __init__(self, store: JobStore, config: dict, address: str, n: int = 0, cancel_grace_s: float = 10.0,
+                 supervise_s: float = 0.3, lost_cluster_s: float = 60.0) -> None:
+        self.store, self.config, self.address, self.n = store, config, address, n
+        self.cancel_grace_s, self.supervise_s, self.lost_cluster_s = cancel_grace_s, supervise_s, lost_cluster_s
+        self.pid = os.getpid()
+        self.runner: RayRunner | None = None
+        self.jobs: dict[str, dict] = {}  # running job id -> {"job", "scanned", "progress", "stopping", "paths"}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing_since: float | None = None
+
+    def connect(self) -> None:
+        """Join the cluster (a LipdubError when it cannot be reached), before the server listens."""
+        if self.runner is None:
+            self.runner = RayRunner(self.address, workers=self.n, token_dir=self.store.data, log_to_driver=True)
+            log.info("jobs run on %s", self.runner.describe())
+
+    def start(self) -> None:
+        self.connect()
+        self._thread = threading.Thread(target=self._dispatch, name="lipdub-ray", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> int:
+        return self.runner.nodes_alive() if self.runner is not None else 0
+
+    def slots(self) -> int:
+        return self.runner.slots() if self.runner is not None else self.n
+
+    def _dispatch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+                self._failing_since = None
+            except Exception as exc:  # keep dispatching; a cluster gone for long fails the jobs it held
+                log.exception("ray dispatch failed")
+                now = time.monotonic()
+                self._failing_since = self._failing_since or now
+                if now - self._failing_since > self.lost_cluster_s:
+                    self._fail_all(f"the Ray cluster could not be reached ({exc.__class__.__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''})")
+                self._stop.wait(1.0)
+
+    def step(self) -> None:
+        runner = self.runner
+        while runner.in_flight() < runner.slots() and not self._stop.is_set():
+            job = self.store.claim(self.pid)
+            if job is None:
+                break
+            self._submit(job)
+        if self.jobs:
+            self._progress(runner.progress())
+        for outcome in runner.poll(timeout=self.supervise_s):
+            self._finish(outcome)
+
+    def _submit(self, job: dict) -> None:
+        job_id = job["id"]
+        job_dir = self.store.job_dir(job_id)
+        face, audio, output = job_dir / job["face_file"], job_dir / job["audio_file"], self.store.result_path(job_id)
+        options = dict(job["options"], checkpoint=self.config["checkpoint"], device=self.config["device"],
+                       skip_sha256=self.config["skip_sha256"])
+        paths = {str(face): job["face_name"], str(audio): job["audio_name"], str(output): "the result",
+                 str(job_dir) + os.sep: "", str(self.store.data) + os.sep: ""}
+        self.jobs[job_id] = {"job": job, "scanned": False, "progress": 0.0, "stopping": None, "paths": paths,
+                             "started": time.monotonic()}
+        log.info("job %s: sent to the cluster (attempt %d)", job_id, job["attempts"])
+        try:
+            self.runner.submit({"key": job_id, "line": 0, "face": str(face), "audio": str(audio),
+                                "output": str(output), "options": options})
+        except Exception as exc:
+            self.jobs.pop(job_id, None)
+            self.store.finish(job_id, self.pid, "failed", error=f"could not send the job to the Ray cluster "
+                                                                f"({exc.__class__.__name__})")
+            raise
+
+    def _progress(self, snapshot: dict[str, dict]) -> None:
+        now = time.monotonic()
+        for job_id, held in list(self.jobs.items()):
+            state = snapshot.get(job_id) or {}
+            stage = state.get("stage") or "starting"
+            held["scanned"] = held["scanned"] or bool(state.get("scanned"))
+            progress = job_progress(stage, int(state.get("done") or 0), int(state.get("total") or 0), held["scanned"])
+            if progress is not None:
+                held["progress"] = max(held["progress"], min(progress, 0.999))
+            stop = self.store.report(job_id, self.pid, stage, held["progress"])
+            if stop and held["stopping"] is None:
+                held["stopping"] = now
+                log.info("job %s: cancelling", job_id)
+                self.runner.stop(job_id)
+            elif held["stopping"] is not None and now - held["stopping"] > self.cancel_grace_s:
+                log.warning("job %s: the task ignored the cancel for %.0f s; forcing it", job_id, self.cancel_grace_s)
+                held["stopping"] = now
+                self.runner.stop(job_id, force=True)
+
+    def _finish(self, outcome: dict) -> None:
+        job_id = outcome["key"]
+        held = self.jobs.pop(job_id, None)
+        if held is None:
+            return
+        output = self.store.result_path(job_id)
+        status = outcome.get("status")
+        cancelled = held["stopping"] is not None
+        if status == "done" and not cancelled:
+            data = {k: outcome[k] for k in ("n_frames", "fps", "width", "height", "frames_with_face", "timings",
+                                            "seconds") if k in outcome}
+            data["seconds"] = round(time.monotonic() - held["started"], 3)
+            if not output.is_file():
+                self.store.finish(job_id, self.pid, "failed", error="the result is missing after the job finished")
+            elif not self.store.finish(job_id, self.pid, "done", result=data):
+                output.unlink(missing_ok=True)  # cancelled or taken away meanwhile
+            log.info("job %s: done on %s", job_id, ", ".join(n[:8] for n in outcome.get("nodes") or []) or "?")
+            return
+        output.unlink(missing_ok=True)
+        if status == "cancelled" or cancelled:
+            self.store.finish(job_id, self.pid, "cancelled")
+            log.info("job %s: cancelled", job_id)
+            return
+        message = _public_message(outcome.get("error") or "failed", held["paths"])
+        self.store.finish(job_id, self.pid, "failed", error=message.splitlines()[0] if message else "failed")
+        log.info("job %s: failed: %s", job_id, message)
+
+    def _fail_all(self, message: str) -> None:
+        for job_id in list(self.jobs):
+            self.jobs.pop(job_id, None)
+            self.store.result_path(job_id).unlink(missing_ok=True)
+            self.store.finish(job_id, self.pid, "failed", error=message)
+        if self.runner is not None:
+            self.runner.running.clear()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop dispatching; jobs still on the cluster are cancelled and go back to the queue."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+        if self.runner is not None:
+            self.runner.close(cancel=True)
+        for job_id in list(self.jobs) + self.store.running_of(self.pid):
+            self.store.result_path(job_id).unlink(missing_ok=True)
+            self.store.requeue(job_id, self.pid)
+            log.info("job %s: back in the queue (server shutdown)", job_id)
+        self.jobs.clear()
 
 
 if __name__ == "__main__":

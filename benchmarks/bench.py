@@ -3,11 +3,15 @@
     python benchmarks/bench.py                 # v3 with --box and v4 with the default detector
     python benchmarks/bench.py --memory        # peak RSS of 6 s vs 60 s jobs (face video and audio
                                                # both that long) on v3 --box and v4
-    python benchmarks/bench.py --case v3-box --seconds 20
+    python benchmarks/bench.py --case v3-box --seconds 20 --precision fp32 --repeat 3
 
-Each case runs in its own process so peak RSS (ru_maxrss) belongs to that job alone. Stage
-frames/s are output frames divided by the seconds spent in that stage (decode counts both
-passes over the face video; detect runs on a stride of frames at <= 480 px).
+Absolute speed drifts by +-40% on shared machines, so every case also measures G, the fp32
+generator's own frames/s (batch 16, median of 5 batches), in the same process moments before
+the job, and reports end-to-end frames/s as a ratio of it. Each case runs in its own process so
+peak RSS (ru_maxrss) belongs to that job alone; with --repeat the medians are printed. Stage
+frames/s are output frames divided by the seconds spent in that stage's own thread (the stages
+overlap, so they add up to more than the wall time; decode counts both passes over the face
+video; detect runs on a stride of frames at <= 480 px).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +36,25 @@ CASES = {
     "v4": dict(face="v4_man_halfbody_hevc_1080x1920_25fps.mp4"),
     "v4-box": dict(face="v4_man_halfbody_hevc_1080x1920_25fps.mp4", box=(560, 1000, 300, 760)),
 }
-STAGES = ("decode", "detect", "generate", "blend", "restore", "encode")
+STAGES = ("decode", "detect", "crop", "generate", "blend", "restore", "encode")
+
+
+def generator_fps(batch: int = 16, repeats: int = 5) -> float:
+    """G: frames/s of the fp32 generator alone on this machine now (median of `repeats` batches)."""
+    import torch
+
+    from lipdub.generate import load_generator
+
+    model = load_generator(str(wav2lip_checkpoint()), "cpu", progress=False)
+    faces, mels = torch.rand(batch, 6, 96, 96), torch.rand(batch, 1, 80, 16) * 8 - 4
+    times = []
+    with torch.inference_mode():
+        model(mels, faces)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(mels, faces)
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
 
 
 def speech(seconds: float) -> Path:
@@ -66,45 +89,60 @@ def long_face(name: str, seconds: float) -> Path:
     return path
 
 
-def run_one(case: str, seconds: float, device: str, batch_size: int, long_video: bool = False) -> dict:
+def run_one(case: str, seconds: float, device: str, batch_size: int, precision: str, long_video: bool = False,
+            measure_g: bool = True) -> dict:
     from lipdub import sync
 
+    g = generator_fps() if measure_g else None
     spec = CASES[case]
     face = long_face(spec["face"], seconds) if long_video else MEDIA / spec["face"]
     out = CACHE / f"out_{case}_{seconds:g}.mp4"
     start = time.perf_counter()
     result = sync(face, speech(seconds), out, checkpoint=str(wav2lip_checkpoint()), box=spec.get("box"),
-                  device=device, batch_size=batch_size, progress=False)
+                  device=device, batch_size=batch_size, precision=precision, progress=False)
     wall = time.perf_counter() - start
     n = result.n_frames
     t = result.timings
     return {
         "case": case + (" (long video)" if long_video else ""),
+        "precision": precision,
         "seconds_of_audio": seconds,
         "frames": n,
         "size": f"{result.width}x{result.height}",
+        "G": round(g, 2) if g else None,
         "stage_fps": {s: round(n / t[s], 1) for s in STAGES if t.get(s)},
         "stage_seconds": {s: round(v, 2) for s, v in t.items()},
         "end_to_end_fps": round(n / wall, 2),
-        "end_to_end_fps_without_model_load": round(n / (wall - t.get("load", 0.0)), 2),
+        "ratio_to_G": round(n / wall / g, 3) if g else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 
-def in_subprocess(case: str, seconds: float, device: str, batch_size: int, long_video: bool = False) -> dict:
+def in_subprocess(case: str, seconds: float, device: str, batch_size: int, precision: str,
+                  long_video: bool = False) -> dict:
     if long_video:
         long_face(CASES[case]["face"], seconds)  # made here, so its cost stays out of the measured job
     cmd = [sys.executable, __file__, "--one", case, "--seconds", str(seconds), "--device", device,
-           "--batch-size", str(batch_size)] + (["--long-video"] if long_video else [])
+           "--batch-size", str(batch_size), "--precision", precision] + (["--long-video"] if long_video else [])
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median ratio to G, plus the spread of the ratios."""
+    ranked = sorted(runs, key=lambda r: r["ratio_to_G"] or r["end_to_end_fps"])
+    r = dict(ranked[len(ranked) // 2])
+    r["ratios"] = [x["ratio_to_G"] for x in runs]
+    return r
+
+
 def show(r: dict) -> None:
     stages = "  ".join(f"{k} {v}" for k, v in r["stage_fps"].items())
-    print(f"{r['case']:>7} {r['size']:>9} {r['frames']:5d} frames  end-to-end {r['end_to_end_fps']:6.2f} fps "
-          f"(without model load {r['end_to_end_fps_without_model_load']:.2f})  peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"{'':>7} stage frames/s: {stages}")
+    ratio = f"= {r['ratio_to_G']:.2f} G (G {r['G']:.1f} fps)" if r.get("G") else ""
+    spread = f", ratios {r['ratios']}" if len(r.get("ratios", [])) > 1 else ""
+    print(f"{r['case']:>7} {r['precision']:>4} {r['size']:>9} {r['frames']:5d} frames  end-to-end "
+          f"{r['end_to_end_fps']:6.2f} fps {ratio}  peak RSS {r['peak_rss_mb']:.0f} MB{spread}")
+    print(f"{'':>12} stage frames/s: {stages}")
 
 
 def main() -> None:
@@ -115,19 +153,25 @@ def main() -> None:
                         help="peak RSS of 6 s vs 60 s jobs, face video as long as the audio")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", action="append", choices=["auto", "fp32", "bf16"],
+                        help="default: auto (the default precision) and fp32")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; medians are printed")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--long-video", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.seconds, args.device, args.batch_size, args.long_video)))
+        print(json.dumps(run_one(args.one, args.seconds, args.device, args.batch_size, args.precision[0],
+                                 args.long_video, measure_g=not args.long_video)))
         return
+    precisions = args.precision or ["auto", "fp32"]
     wav2lip_checkpoint()
     print(f"cpu: {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}")
     results = []
     if args.memory:
         for case in args.case or ["v3-box", "v4"]:
-            short, long = (in_subprocess(case, s, args.device, args.batch_size, long_video=True) for s in (6.0, 60.0))
+            short, long = (in_subprocess(case, s, args.device, args.batch_size, precisions[0], long_video=True)
+                           for s in (6.0, 60.0))
             for r in (short, long):
                 show(r)
                 results.append(r)
@@ -136,9 +180,11 @@ def main() -> None:
                   f"({growth:+.1%})")
     else:
         for case in args.case or ["v3-box", "v4"]:
-            r = in_subprocess(case, args.seconds, args.device, args.batch_size)
-            show(r)
-            results.append(r)
+            for precision in precisions:
+                r = median_run([in_subprocess(case, args.seconds, args.device, args.batch_size, precision)
+                                for _ in range(args.repeat)])
+                show(r)
+                results.append(r)
     if args.json:
         print(json.dumps(results, indent=2))
 

@@ -3,8 +3,9 @@
     import lipdub
     lipdub.sync("talk.mp4", "speech.wav", "dubbed.mp4")
 
-The library API: `sync` (lip-sync), `restore_video` (GFPGAN), `evaluate` (LSE-D / LSE-C),
-`SyncOptions` (every run option). They load on first use, so `import lipdub` stays light.
+The library API: `sync` (lip-sync), `restore_video` (GFPGAN), `SyncOptions` (every run
+option); `lipdub.evaluate.evaluate` measures LSE-D / LSE-C. They load on first use, so
+`import lipdub` stays light.
 """
 from __future__ import annotations
 
@@ -25,11 +26,7 @@ def __getattr__(name: str):
         from .enhance import restore_video
 
         return restore_video
-    if name == "evaluate":
-        from .evaluate import evaluate
-
-        return evaluate
     raise AttributeError(f"module 'lipdub' has no attribute {name!r}")
 
 
-__all__ = ["LipdubError", "SyncOptions", "SyncResult", "__version__", "evaluate", "restore_video", "sync"]
+__all__ = ["LipdubError", "SyncOptions", "SyncResult", "__version__", "restore_video", "sync"]

@@ -100,3 +100,25 @@ def chunk_starts(n_mel_frames: int, fps: float) -> list[int]:
 def mel_chunks(mel: np.ndarray, fps: float) -> np.ndarray:
     """All (n_frames, 80, 16) windows; a view-free copy is cheap (80 x 16 floats per frame)."""
     return np.stack([mel[:, s : s + MEL_STEP_SIZE] for s in chunk_starts(mel.shape[1], fps)])
+
+
+def cover_audio(wav: np.ndarray, mel: np.ndarray, fps: float) -> tuple[np.ndarray, list[int]]:
+    """(mel, starts) that give the video as many frames as the audio lasts (to within a frame).
+
+    `chunk_starts` gives, as the original, one frame per complete 0.2 s window, so the video
+    ends up to 0.2 s before the audio and the end of a sentence goes missing from the picture.
+    Here the frames the original makes keep their windows exactly (the mel is not recomputed,
+    the original's last, end-aligned window stays), and frames up to round(duration * fps) are
+    added with windows on the mel of the audio followed by silence (the mel frames past the end
+    are taken from a spectrogram of `wav` padded with zeros, so the last sound decays naturally).
+    """
+    starts = chunk_starts(mel.shape[1], fps)
+    target = round(len(wav) / SAMPLE_RATE * fps)
+    if target <= len(starts):
+        return mel, starts
+    step = MEL_FPS / fps
+    extra = [int(i * step) for i in range(len(starts), target)]
+    needed = extra[-1] + MEL_STEP_SIZE
+    pad = (needed - mel.shape[1] + 2) * HOP
+    tail = melspectrogram(np.concatenate([np.asarray(wav), np.zeros(pad, dtype=np.asarray(wav).dtype)]))
+    return np.concatenate([mel, tail[:, mel.shape[1]:needed]], axis=1), starts + extra

@@ -18,10 +18,21 @@ def to_uint8_truncated(pred: np.ndarray) -> np.ndarray:
     return (pred * 255.0).astype(np.uint8)
 
 
-def paste_box(frame: np.ndarray, box: np.ndarray, pred: np.ndarray) -> None:
-    """Original behaviour: resize the truncated uint8 prediction bilinearly to the box and overwrite."""
+def paste_box(frame: np.ndarray, box: np.ndarray, pred: np.ndarray, alpha: float = 1.0) -> None:
+    """Original behaviour: resize the truncated uint8 prediction bilinearly to the box and overwrite.
+
+    With `alpha` < 1 (the fade next to a no-face gap or a pause in the speech) the pasted box is
+    mixed with the frame, alpha * pasted + (1 - alpha) * frame, rounded; alpha 1 is the
+    original's paste exactly, alpha 0 leaves the frame as it is.
+    """
+    if alpha <= 0:
+        return
     x1, y1, x2, y2 = (int(v) for v in box)
-    frame[y1:y2, x1:x2] = cv2.resize(to_uint8_truncated(pred), (x2 - x1, y2 - y1))
+    pasted = cv2.resize(to_uint8_truncated(pred), (x2 - x1, y2 - y1))
+    if alpha < 1:
+        roi = frame[y1:y2, x1:x2].astype(np.float32)
+        pasted = np.clip(roi + float(alpha) * (pasted.astype(np.float32) - roi) + 0.5, 0, 255).astype(np.uint8)
+    frame[y1:y2, x1:x2] = pasted
 
 
 @lru_cache(maxsize=64)

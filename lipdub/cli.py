@@ -13,7 +13,8 @@ import sys
 
 from . import __version__
 from .errors import LipdubError
-from .options import FACE_DETECTORS, add_arguments, options_from_args
+from .media import check_writable
+from .options import FACE_DETECTORS, PRECISIONS, add_arguments, options_from_args
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -93,6 +94,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--det-stride", type=int, default=1, help="detect every N-th frame (default 1: every frame)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--batch-size", type=int, default=None, help="faces per network batch (default: 1 on CPU, 4 on GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network arithmetic: auto (bf16 where the hardware runs it natively), fp32, bf16")
     p.add_argument("--max-frames", type=int, default=None, help="only the first N frames (a preview, no audio)")
     p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,7 +110,7 @@ def _restore(args: argparse.Namespace) -> int:
         args.input, args.output, checkpoint=args.checkpoint, region=args.region, weight=args.weight,
         upscale=args.upscale, detector=args.detector, detector_weights=args.detector_weights, device=args.device,
         batch_size=args.batch_size, det_stride=args.det_stride, max_frames=args.max_frames,
-        skip_sha256=args.skip_sha256, progress=not args.quiet,
+        skip_sha256=args.skip_sha256, progress=not args.quiet, precision=args.precision,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
@@ -143,24 +146,35 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=20, help="windows per SyncNet batch (default 20)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
+    p.add_argument("--fix-offset", action="store_true",
+                   help="also write -o OUTPUT: the video with its audio shifted by the measured offset (a remux)")
+    p.add_argument("-o", "--output", default=None, help="the fixed copy (with --fix-offset)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, summary
+    from .evaluate import evaluate, fix_offset, summary
 
-    result = evaluate(
-        args.video, cropped=args.cropped, reference=args.reference, checkpoint=args.checkpoint,
-        detector=args.detector, detector_weights=args.detector_weights, det_stride=args.det_stride,
-        device=args.device, skip_sha256=args.skip_sha256, progress=not (args.quiet or args.json),
-        batch_size=args.batch_size,
-    )
+    if args.fix_offset != (args.output is not None):
+        raise LipdubError("--fix-offset and -o OUTPUT go together")
+    if args.output is not None:
+        check_writable(args.output)
+    options = dict(cropped=args.cropped, reference=args.reference, checkpoint=args.checkpoint,
+                   detector=args.detector, detector_weights=args.detector_weights, det_stride=args.det_stride,
+                   device=args.device, skip_sha256=args.skip_sha256, progress=not (args.quiet or args.json),
+                   batch_size=args.batch_size)
+    if args.fix_offset:
+        result = fix_offset(args.video, args.output, **options)
+    else:
+        result = evaluate(args.video, **options)
     if args.json:
         json.dump(result, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
     else:
         print(summary(result))
+        if args.fix_offset:
+            print(f"wrote {result['output']}: audio moved {result['audio_shift'] * 1000:+.0f} ms")
     return 0
 
 

@@ -88,7 +88,7 @@ def restore_video(input: str | os.PathLike, output: str | os.PathLike, *, checkp
                   region: str = "face", weight: float = 1.0, upscale: int = 1, detector: str = "centerface",
                   detector_weights: str | None = None, device="auto", batch_size: int | None = None, det_stride: int = 1,
                   max_frames: int | None = None, skip_sha256: bool = False, progress: bool = True,
-                  stage: RestoreStage | None = None) -> RestoreResult:
+                  precision: str = "auto", stage: RestoreStage | None = None) -> RestoreResult:
     """Restore the faces of a video or image file; see the module docstring for the outputs.
 
     Faces are detected on every ``det_stride``-th frame (1: every frame; cheap next to the
@@ -98,8 +98,9 @@ def restore_video(input: str | os.PathLike, output: str | os.PathLike, *, checkp
     such a gap the restoration fades in and out over a few frames (the track's alpha) instead
     of popping.
     ``max_frames`` restores only the first N frames (a preview; the output then has no audio).
+    ``precision``: the network's arithmetic (``auto``, ``fp32``, ``bf16``; see ``lipdub.restore.Restorer``).
     ``stage``: a ready :class:`RestoreStage` to reuse a loaded network; its checkpoint, region,
-    weight, upscale and batch size then apply and those arguments are ignored.
+    weight, upscale, batch size and precision then apply and those arguments are ignored.
 
     Raises LipdubError for anything the user can fix; on any failure no output is left behind.
     """
@@ -127,7 +128,7 @@ def restore_video(input: str | os.PathLike, output: str | os.PathLike, *, checkp
     with timer("load"):
         if stage is None:
             stage = RestoreStage(checkpoint, pick_device(device), region, weight, upscale, batch_size, skip_sha256,
-                                 progress)
+                                 progress, precision)
         det = load_detector(detector, stage.device or "cpu", detector_weights)
 
     tick_pts, track = track_video(source, det, stride=det_stride, timer=timer, progress=progress)

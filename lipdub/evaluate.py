@@ -47,7 +47,7 @@ from .device import pick_device
 from .errors import LipdubError
 from .faces import iou, load_detector, runs, track_video
 from .faces.track import shot_bounds
-from .media import VideoSource, check_readable, load_audio, prefetch, video_start_in_audio
+from .media import VideoSource, check_readable, load_audio, prefetch, shift_audio, video_start_in_audio
 from .metrics.lse import medfilt, mfcc_features, sync_distances
 from .metrics.quality import psnr, ssim
 from .progress import Timer, bar
@@ -220,6 +220,7 @@ def evaluate(
     track=None,
     cuts: Sequence[int] = (),
     keep_dists: bool = False,
+    model=None,
 ) -> dict:
     """LSE-D / LSE-C and the audio-video offset of ``video`` (its face and its own audio track).
 
@@ -241,6 +242,8 @@ def evaluate(
             frame of the video's own frame clock (as ``VideoSource.clock()`` yields them);
             ``cuts`` are the first frames of its shots after the first.
         keep_dists: also return ``dists``, the (n_windows, 31) per-window distances (a list of lists).
+        model: a loaded SyncNet v2 (anything with ``forward_lip`` and ``forward_aud``) to use instead
+            of loading ``checkpoint``, e.g. one network for many evaluations.
 
     Returns a JSON-ready dict: ``offset`` (frames; > 0: the audio leads the video), ``lse_d``,
     ``lse_c``, ``mean_dists`` (the 31 mean distances in syncnet_python's order: index j is offset
@@ -293,7 +296,8 @@ def evaluate(
 
     dev = pick_device(device)
     with timer("load"):
-        model = weights.load_model(checkpoint, "syncnet_v2", dev, skip_sha256, progress)
+        if model is None:
+            model = weights.load_model(checkpoint, "syncnet_v2", dev, skip_sha256, progress)
 
     width, height = source.info.width, source.info.height
     if cropped:
@@ -405,6 +409,20 @@ def evaluate(
         q = meter.result()
         result.update(reference=str(ref_path), psnr=q["psnr"], ssim=q["ssim"], quality_frames=q["n_frames"])
     result["warnings"] = _warnings(result)
+    return result
+
+
+def fix_offset(video: str | Path, output: str | Path, **options) -> dict:
+    """Measure `video` (as `evaluate` does, with the same keyword options) and write `output`, a
+    remux with the audio shifted by the measured offset (no re-encode), so that it measures in
+    sync. Returns the measurement with `audio_shift` (seconds the audio moved; > 0: later)."""
+    result = evaluate(video, **options)
+    same = Path(output).exists() and Path(output).resolve() == Path(video).resolve()
+    if result["offset"] == 0 and same:
+        result["audio_shift"] = 0.0
+    else:
+        result["audio_shift"] = shift_audio(video, output, result["offset"] / EVAL_FPS)
+    result["output"] = str(output)
     return result
 
 

@@ -353,28 +353,79 @@ class VideoSource:
             yield cache[j]
 
 
+def shift_audio(path: str | os.PathLike, output: str | os.PathLike, seconds: float) -> float:
+    """Write `output` (its container from the suffix, e.g. .mp4; may be `path` itself): the
+    video packets of `path` copied (no re-encode) and its audio `seconds` later against the
+    picture (earlier when negative), re-encoded to AAC with silence added or audio dropped at the
+    start, so the shift is exact to a sample whatever the codec's frame size and priming.
+    Returns the shift applied."""
+    path = check_readable(path)
+    with atomic_output(check_writable(output)) as temp:
+        try:
+            target = av.open(str(temp), "w")
+        except (av.FFmpegError, ValueError) as exc:
+            raise LipdubError(f"cannot write {output}: {exc}") from None
+        with _open(path) as source, target:
+            if not source.streams.video or not source.streams.audio:
+                raise LipdubError(f"{path} needs a video and an audio stream to move one against the other")
+            video_in = source.streams.video[0]
+            video_out = target.add_stream_from_template(video_in)
+            zero = video_in.start_time or 0  # the picture starts at time 0 in the output
+            start = video_start_in_audio(path)  # where in the audio the picture starts now
+            audio = AudioTrack(target, path, start - seconds)
+            try:
+                for packet in source.demux(video_in):
+                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                        continue
+                    packet.dts -= zero
+                    packet.pts = None if packet.pts is None else packet.pts - zero
+                    audio.mux_until(float(packet.dts * packet.time_base))
+                    packet.stream = video_out
+                    target.mux(packet)
+                audio.mux_until(float("inf"))
+            except av.FFmpegError as exc:
+                raise LipdubError(f"cannot remux {path}: {exc}") from None
+            finally:
+                audio.close()
+    return start - audio.skip / audio.stream.rate
+
+
 def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
-    """Run an iterator on a worker thread with a bounded queue (decoding overlaps compute)."""
+    """Run an iterator on a worker thread with a bounded queue, so its work overlaps the consumer's.
+
+    Chained, these are the lanes of a job (decode, crop, generate, blend each in its own thread,
+    `size` items between two lanes at most). An exception in the worker is raised in the
+    consumer; when the consumer stops early (or fails) the worker stops at its next item and the
+    upstream iterator is closed in the worker's own thread, so nothing is left running.
+    """
     q: queue.Queue = queue.Queue(maxsize=size)
     done = object()
     stop = threading.Event()
 
-    def work() -> None:
-        try:
-            for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # surfaced in the consumer
-            q.put(exc)
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    thread = threading.Thread(target=work, daemon=True)
+    def work() -> None:
+        iterator = iter(iterable)
+        try:
+            for item in iterator:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # surfaced in the consumer
+            put(exc)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=work, daemon=True, name="lipdub-lane")
     thread.start()
     try:
         while True:
@@ -387,6 +438,25 @@ def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def timed(iterable: Iterable, timer, stage: str) -> Iterator:
+    """The items of `iterable`, the time spent producing each one added to `timer` under `stage`."""
+    iterator = iter(iterable)
+    try:
+        while True:
+            with timer(stage):
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+_END = object()
 
 
 # ---------------------------------------------------------------------------------------- writer
@@ -438,6 +508,74 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+class AudioTrack:
+    """The AAC audio of an output file: the first audio stream of `path` from `start` seconds on
+    (negative: that much silence first), re-encoded and muxed into `container` as the picture
+    advances (`mux_until`), so it streams. Its timestamps count from the first sample: the audio
+    starts at output time 0."""
+
+    def __init__(self, container: av.container.OutputContainer, path: str | os.PathLike, start: float = 0.0):
+        self.path = Path(path)
+        self.source = _open(self.path)
+        try:
+            if not self.source.streams.audio:
+                raise LipdubError(f"{self.path} has no audio stream")
+            in_stream = self.source.streams.audio[0]
+            rate = in_stream.rate if in_stream.rate in AAC_RATES else 48000
+            layout = "mono" if in_stream.channels == 1 else "stereo"
+            self.stream = container.add_stream("aac", rate=rate, layout=layout)
+            self.container = container
+            self.skip = round(start * rate)  # > 0: samples to drop; < 0: silence to add
+            self._packets = self._encoded(in_stream, rate, layout)
+            self._next = next(self._packets, None)
+        except BaseException:
+            self.source.close()
+            raise
+
+    def _encoded(self, in_stream, rate: int, layout: str) -> Iterator[tuple[float, av.Packet]]:
+        """(time, packet) in order."""
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        samples = 0
+        skip = self.skip
+
+        def encode(frames):
+            nonlocal samples, skip
+            for out in frames:
+                if skip:
+                    planes = _shift(out.to_ndarray(), skip)
+                    skip = max(0, skip - out.samples)
+                    if planes.shape[-1] == 0:
+                        continue
+                    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format="fltp", layout=layout)
+                    out.sample_rate = rate
+                out.pts, out.time_base = samples, Fraction(1, rate)
+                samples += out.samples
+                yield from self.stream.encode(out)
+
+        def packets():
+            try:
+                for frame in self.source.decode(in_stream):
+                    frame.pts = None
+                    yield from encode(resampler.resample(frame))
+            except av.FFmpegError as exc:
+                raise LipdubError(f"cannot decode the audio of {self.path}: {exc}") from None
+            yield from encode(resampler.resample(None))
+            yield from self.stream.encode(None)
+
+        for packet in packets():
+            time = float(packet.pts * packet.time_base) if packet.pts is not None else float("inf")
+            yield time, packet
+
+    def mux_until(self, time: float) -> None:
+        """Mux every audio packet that starts at or before `time` seconds."""
+        while self._next is not None and self._next[0] <= time:
+            self.container.mux(self._next[1])
+            self._next = next(self._packets, None)
+
+    def close(self) -> None:
+        self.source.close()
+
+
 @dataclass
 class VideoWriter:
     """An H.264 + AAC mp4 written to a hidden temp file and renamed into place only when complete.
@@ -464,8 +602,7 @@ class VideoWriter:
         self.fps = Fraction(self.fps).limit_denominator(1001)
 
     def __enter__(self) -> "VideoWriter":
-        self._audio_packets: Iterator | None = None
-        self._audio_source = None
+        self._audio: AudioTrack | None = None
         self._output = atomic_output(self.path)
         self.temp = self._output.__enter__()
         try:
@@ -484,15 +621,7 @@ class VideoWriter:
                                    "x264-params": "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m:range=tv"}
             self._video.codec_context.time_base = Fraction(1, 1) / self.fps
             if self.audio_path is not None:
-                self._audio_source = _open(Path(self.audio_path))
-                if not self._audio_source.streams.audio:
-                    raise LipdubError(f"{self.audio_path} has no audio stream")
-                in_stream = self._audio_source.streams.audio[0]
-                rate = in_stream.rate if in_stream.rate in AAC_RATES else 48000
-                layout = "mono" if in_stream.channels == 1 else "stereo"
-                self._audio_stream = self._container.add_stream("aac", rate=rate, layout=layout)
-                self._audio_packets = self._audio_from(self._audio_source, in_stream, rate, layout)
-                self._next_audio = next(self._audio_packets, None)
+                self._audio = AudioTrack(self._container, self.audio_path, self.audio_start)
         except BaseException:
             # __exit__ is not called when __enter__ fails: release everything and leave no file.
             self._discard()
@@ -500,48 +629,13 @@ class VideoWriter:
         return self
 
     def _discard(self) -> None:
-        for closable in (self._container, self._audio_source):
+        for closable in (self._container, self._audio):
             if closable is not None:
                 try:
                     closable.close()
                 except Exception:
                     pass
         self._output.__exit__(LipdubError, None, None)  # deletes the temporary file
-
-    def _audio_from(self, source, in_stream, rate, layout) -> Iterator[tuple[float, av.Packet]]:
-        """Yield (time, packet); timestamps are counted from the first sample so audio starts at 0."""
-        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-        stream = self._audio_stream
-        samples = 0
-        skip = round(self.audio_start * rate)  # > 0: samples still to drop; < 0: silence to add
-
-        def encode(frames):
-            nonlocal samples, skip
-            for out in frames:
-                if skip:
-                    planes = _shift(out.to_ndarray(), skip)
-                    skip = max(0, skip - out.samples)
-                    if planes.shape[-1] == 0:
-                        continue
-                    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format="fltp", layout=layout)
-                    out.sample_rate = rate
-                out.pts, out.time_base = samples, Fraction(1, rate)
-                samples += out.samples
-                yield from stream.encode(out)
-
-        def packets():
-            try:
-                for frame in source.decode(in_stream):
-                    frame.pts = None
-                    yield from encode(resampler.resample(frame))
-            except av.FFmpegError as exc:
-                raise LipdubError(f"cannot decode the audio of {self.audio_path}: {exc}") from None
-            yield from encode(resampler.resample(None))
-            yield from stream.encode(None)
-
-        for packet in packets():
-            time = float(packet.pts * packet.time_base) if packet.pts is not None else float("inf")
-            yield time, packet
 
     def write(self, frame: np.ndarray) -> None:
         if frame.shape[0] != self._video.height or frame.shape[1] != self._video.width:
@@ -554,22 +648,19 @@ class VideoWriter:
         for packet in self._video.encode(video_frame):
             self._container.mux(packet)
         self.n_frames += 1
-        self._mux_audio_until(self.n_frames / float(self.fps))
-
-    def _mux_audio_until(self, time: float) -> None:
-        while self._audio_packets is not None and self._next_audio is not None and self._next_audio[0] <= time:
-            self._container.mux(self._next_audio[1])
-            self._next_audio = next(self._audio_packets, None)
+        if self._audio is not None:
+            self._audio.mux_until(self.n_frames / float(self.fps))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 for packet in self._video.encode():
                     self._container.mux(packet)
-                self._mux_audio_until(float("inf"))
+                if self._audio is not None:
+                    self._audio.mux_until(float("inf"))
             self._container.close()
-            if self._audio_source is not None:
-                self._audio_source.close()
+            if self._audio is not None:
+                self._audio.close()
         except BaseException:
             self._discard()
             raise

@@ -30,6 +30,7 @@ from .progress import ProgressCallback
 FACE_DETECTORS = ("centerface", "s3fd")
 BLENDS = ("feather", "box")
 LENGTHS = ("pingpong", "loop")
+SILENCES = ("keep", "generate")
 RESTORERS = ("gfpgan",)
 RESTORE_REGIONS = ("mouth", "face")
 UPSCALES = (1, 2, 4)
@@ -101,10 +102,16 @@ class SyncOptions:
                              web=True)
     device: str = option("auto", "where the networks run: auto, cpu, cuda, cuda:N, mps",
                          check=check_device_name, metavar="|".join(DEVICES))
+    precision: str = option("auto", "network arithmetic: auto (bf16 where the hardware runs it natively, else "
+                                    "fp32), fp32 (exactly the original's), bf16", choices=PRECISIONS)
     skip_sha256: bool = option(False, "accept downloaded weights whose hash differs")
     progress: bool = option(True, "show progress bars", flag="--quiet", cli_help="no progress bars")
     progress_callback: Optional[ProgressCallback] = option(
         None, "called as progress_callback(stage, done, total)", cli=False)
+    silence: str = option("keep", "in pauses of the speech (0.3 s or longer) keep the input's own mouth, or "
+                                  "generate it on every frame as the original does", choices=SILENCES, web=True)
+    auto_offset: bool = option(False, "measure the output's audio-video offset with SyncNet (syncnet_v2 weights "
+                                      "cached) and shift the audio to fix it")
     restore: Optional[str] = option(None, "restore the face with GFPGAN after lip-sync", choices=RESTORERS,
                                     web=True)
     restore_checkpoint: str = option("gfpgan_v1.4", "gfpgan_v1.3, gfpgan_v1.4 or a .pth path", metavar="NAME|PATH")

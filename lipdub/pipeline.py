@@ -25,16 +25,17 @@ from . import weights
 from .blend import paste_box, paste_feather
 from .device import pick_device
 from .errors import LipdubError
-from .evaluate import evaluate
+from .evaluate import evaluate, fix_offset
 from .faces import FaceTrack, default_stride, fixed_track, load_detector, track_video
 from .generate import Generator, ModelSource, generator_inputs, load_generator, mel_windows
 from .media import (
-    Transform, VideoSource, VideoWriter, check_readable, check_writable, is_image, load_audio, prefetch,
+    Transform, VideoSource, VideoWriter, check_readable, check_writable, is_image, load_audio, prefetch, timed,
     video_start_in_audio, write_atomic,
 )
 from .options import SyncOptions
 from .progress import Timer, bar
 from .restore import RestoreStage
+from .speech import silence_weights
 
 
 @dataclass
@@ -46,10 +47,13 @@ class SyncResult:
     height: int
     frames_with_face: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    speech: list[bool] | None = field(default=None, repr=False)  # per frame, with silence gating
+    audio_shift: float = 0.0  # seconds the audio was moved by --auto-offset (> 0: later)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["output"] = str(self.output)
+        d.pop("speech")
         return d
 
 
@@ -65,6 +69,24 @@ def source_order(n_out: int, n_src: int, length: str, static: bool) -> Iterator[
             yield k if k < n_src else 2 * n_src - 2 - k
 
 
+# Frames queued between two lanes. With one batch in each lane and one waiting before the
+# generator, a 1080x1920 job holds about 4 batches + 2 x 8 frames (~0.5 GB at batch 16).
+LANE_FRAMES = 8
+
+
+@dataclass
+class Batch:
+    """Up to `batch_size` consecutive output frames on their way through the render lanes."""
+
+    frames: list[np.ndarray]
+    rows: list[int]  # indices into `frames` that show the target face
+    boxes: list[np.ndarray]
+    alphas: list[float]
+    faces: np.ndarray | None = None  # generator inputs of the rows
+    mels: np.ndarray | None = None
+    preds: np.ndarray | None = None
+
+
 def render(
     source: VideoSource,
     tick_pts: Sequence[int],
@@ -76,36 +98,63 @@ def render(
     blend: str = "feather",
     batch_size: int = 16,
     timer: Timer | None = None,
+    mouth: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield output frames (BGR uint8) in order, generating mouths in batches.
+    """Yield output frames (BGR uint8) in order; output frame i shows source frame `order[i]`
+    with the mouth for mel window `starts[i]`, mixed in with weight `mouth[i]` times the track's
+    fade (`mouth` from silence gating; None: 1 everywhere). A frame whose weight is 0 keeps its
+    own mouth and costs no generator time.
 
-    Output frame i shows source frame `order[i]` with the mouth for mel window `starts[i]`.
+    Four lanes, each on its own thread with a small queue to the next, so no stage waits while
+    work is there for it: decode, crop (generator inputs of a batch), generate, blend. The
+    consumer (the encoder) is a fifth. Only the frames that get a mouth are copied before it is
+    pasted (the decoder may hand out one array for repeated ticks).
     """
     timer = timer or Timer()
-    n_out = len(starts)
-    frames = prefetch(source.frames_at(tick_pts, order), size=max(4, batch_size))
-    try:
-        for start in range(0, n_out, batch_size):
-            stop = min(n_out, start + batch_size)
-            batch: list[np.ndarray] = []
-            with timer("decode"):
-                for _ in range(start, stop):
-                    batch.append(next(frames).copy())
-            rows = [k for k in range(stop - start) if track.valid[order[start + k]]]
-            if rows:
-                boxes = [track.boxes[order[start + k]] for k in rows]
+    frames = prefetch(timed(source.frames_at(tick_pts, order), timer, "decode"), size=LANE_FRAMES)
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(starts), batch_size):
+            stop = min(len(starts), start + batch_size)
+            batch = Batch([], [], [], [])
+            for k in range(stop - start):
+                frame, j = next(frames), order[start + k]
+                alpha = float(track.alpha[j]) * (1.0 if mouth is None else float(mouth[start + k]))
+                if track.valid[j] and alpha > 0:
+                    frame = frame.copy()
+                    batch.rows.append(k)
+                    batch.boxes.append(track.boxes[j])
+                    batch.alphas.append(alpha)
+                batch.frames.append(frame)
+            if batch.rows:
+                with timer("crop"):
+                    batch.faces = generator_inputs([batch.frames[k] for k in batch.rows], batch.boxes)
+                    batch.mels = mel_windows(mel, [starts[start + k] for k in batch.rows])
+            yield batch
+
+    def generated(items: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in items:
+            if batch.rows:
                 with timer("generate"):
-                    preds = generator(generator_inputs([batch[k] for k in rows], boxes),
-                                      mel_windows(mel, [starts[start + k] for k in rows]))
+                    batch.preds = generator(batch.faces, batch.mels)
+            yield batch
+
+    def blended(items: Iterator[Batch]) -> Iterator[np.ndarray]:
+        for batch in items:
+            if batch.rows:
                 with timer("blend"):
-                    for k, box, pred in zip(rows, boxes, preds):
+                    for k, box, pred, alpha in zip(batch.rows, batch.boxes, batch.preds, batch.alphas):
                         if blend == "box":
-                            paste_box(batch[k], box, pred)
+                            paste_box(batch.frames[k], box, pred, alpha)
                         else:
-                            paste_feather(batch[k], box, pred, float(track.alpha[order[start + k]]))
-            yield from batch
+                            paste_feather(batch.frames[k], box, pred, alpha)
+            yield from batch.frames
+
+    lanes = prefetch(blended(prefetch(generated(prefetch(batches(), size=1)), size=1)), size=LANE_FRAMES)
+    try:
+        yield from lanes
     finally:
-        frames.close()
+        lanes.close()  # stops every lane, each closing the one before it
 
 
 def target_track(source: VideoSource, opts: SyncOptions, device: torch.device, timer: Timer) -> tuple[list[int], FaceTrack]:
@@ -118,7 +167,8 @@ def target_track(source: VideoSource, opts: SyncOptions, device: torch.device, t
             with timer("decode"):
                 tick_pts = [pts for pts, _ in source.clock()]
         return tick_pts, fixed_track(opts.box, len(tick_pts), width, height)
-    detector = load_detector(opts.detector, device, opts.detector_weights, batch_size=opts.det_batch_size or None)
+    detector = load_detector(opts.detector, device, opts.detector_weights, batch_size=opts.det_batch_size or None,
+                             precision=opts.precision)
     stride = 1 if opts.static else (opts.det_stride or default_stride(source.info.fps))
     tick_pts, track = track_video(source, detector, stride=stride, pads=tuple(opts.pads), smooth=opts.smooth,
                                   face_index=opts.face_index, timer=timer, progress=opts.progress,
@@ -151,17 +201,19 @@ def landmarks_inside(source: VideoSource, track: FaceTrack, opts: SyncOptions, d
 
 
 def restored(frames: Iterator[np.ndarray], source: VideoSource, track: FaceTrack, order: Sequence[int],
-             opts: SyncOptions, device: torch.device, timer: Timer) -> Iterator[np.ndarray]:
-    """GFPGAN on the lip-synced frames, aligned with the track's smoothed landmarks."""
+             mouth: np.ndarray | None, opts: SyncOptions, device: torch.device, timer: Timer) -> Iterator[np.ndarray]:
+    """GFPGAN on the lip-synced frames, aligned with the track's smoothed landmarks; a mouth that
+    rests in a pause is the input's own, so restoration rests with it (region mouth)."""
     landmarks_of = track.landmarks
     if landmarks_of is None or not np.isfinite(landmarks_of[track.valid]).any():
         landmarks_of = landmarks_inside(source, track, opts, device, timer)
     with timer("load"):
         stage = RestoreStage(opts.restore_checkpoint, device=device, region=opts.restore_region,
                              weight=opts.restore_weight, upscale=opts.upscale, skip_sha256=opts.skip_sha256,
-                             progress=opts.progress)
+                             progress=opts.progress, precision=opts.precision)
     landmarks = (landmarks_of[j] if track.valid[j] else None for j in order)
-    out = stage.process(frames, landmarks, weights=(float(track.alpha[j]) for j in order))
+    rest = mouth if mouth is not None and opts.restore_region == "mouth" else np.ones(len(order), np.float32)
+    out = stage.process(frames, landmarks, weights=(float(track.alpha[j]) * float(w) for j, w in zip(order, rest)))
     while True:
         with timer("restore"):
             frame = next(out, None)
@@ -171,12 +223,14 @@ def restored(frames: Iterator[np.ndarray], source: VideoSource, track: FaceTrack
 
 
 def _generator(model: ModelSource, opts: SyncOptions, device: torch.device) -> Generator:
-    """The generator a job runs: a given network, one from a given loader, or the checkpoint's."""
+    """The generator a job runs: a given network, one from a given loader, or the checkpoint's.
+    Only a network loaded here is handed over to be adapted in place for the precision."""
     if model is None:
-        model = load_generator(opts.checkpoint, device, opts.skip_sha256, opts.progress)
-    elif not isinstance(model, torch.nn.Module):
+        return Generator(load_generator(opts.checkpoint, device, opts.skip_sha256, opts.progress), opts.precision,
+                         copy_model=False)
+    if not isinstance(model, torch.nn.Module):
         model = model(opts.checkpoint, device)
-    return Generator(model)
+    return Generator(model, opts.precision)
 
 
 def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: SyncOptions | None = None,
@@ -209,9 +263,12 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: Sy
         wav = load_audio(audio_path, start=audio_start)
         if not np.any(wav):
             raise LipdubError(f"{audio_path} is silent (all samples are zero)")
-        mel = audio_mod.melspectrogram(wav)
-        starts = audio_mod.chunk_starts(mel.shape[1], fps)
-        del wav
+        mel, starts = audio_mod.cover_audio(wav, audio_mod.melspectrogram(wav), fps)
+    mouth = speech = None
+    if opts.silence == "keep":
+        with timer("speech"):
+            mouth, speech = silence_weights(wav, fps, len(starts))
+    del wav
 
     device = pick_device(opts.device)
     with timer("load"):
@@ -221,9 +278,10 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: Sy
         tick_pts = tick_pts[:1]
     order = list(source_order(len(starts), len(tick_pts), opts.length, opts.static))
 
-    frames = render(source, tick_pts, track, mel, starts, order, generator, opts.blend, opts.batch_size, timer)
+    frames = render(source, tick_pts, track, mel, starts, order, generator, opts.blend, opts.batch_size, timer,
+                    mouth)
     if opts.restore:
-        frames = restored(frames, source, track, order, opts, device, timer)
+        frames = prefetch(restored(frames, source, track, order, mouth, opts, device, timer), size=LANE_FRAMES)
     width, height = source.info.width * opts.upscale, source.info.height * opts.upscale
     progress = bar(len(order), "lip-sync", opts.progress)
     try:
@@ -237,9 +295,18 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: Sy
                     opts.progress_callback("render", done, len(order))
     finally:
         progress.close()
-    timer.seconds["total"] = time.perf_counter() - started
     shown = int(track.valid[order].sum())
-    result = SyncResult(output, len(order), fps, width, height, shown, dict(timer.seconds))
+    result = SyncResult(output, len(order), fps, width, height, shown, dict(timer.seconds),
+                        None if speech is None else speech.tolist())
+    if opts.auto_offset:
+        syncnet = weights.cache_path("syncnet_v2")
+        if not syncnet.is_file():
+            output.unlink(missing_ok=True)
+            raise LipdubError("--auto-offset needs the syncnet_v2 weights: lipdub weights download syncnet_v2")
+        with timer("offset"):
+            result.audio_shift = fix_offset(output, output, checkpoint=str(syncnet), detector=opts.detector,
+                                            device=str(device), progress=opts.progress)["audio_shift"]
+    result.timings = dict(timer.seconds, total=time.perf_counter() - started)
     if report is not None:
         write_report(result, report, opts, device)
     return result
@@ -251,6 +318,10 @@ def write_report(result: SyncResult, path: Path, opts: SyncOptions, device: torc
     data["frames_without_face"] = result.n_frames - result.frames_with_face
     data["coverage"] = result.frames_with_face / max(1, result.n_frames)
     data["frames_per_second"] = result.n_frames / max(1e-9, result.timings.get("total", 0.0))
+    data["silence"] = opts.silence
+    if result.speech is not None:  # the per-frame decision of silence gating: 1 speech, 0 resting
+        data["speech_frames"] = int(sum(result.speech))
+        data["speech"] = [int(s) for s in result.speech]
     syncnet = weights.cache_path("syncnet_v2")
     if not syncnet.is_file():
         data["sync"] = None

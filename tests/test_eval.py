@@ -205,6 +205,58 @@ def test_audio_delay_shifts_distance_curve(tmp_path, v3_source, checkpoint, k):
     assert np.abs(db[inner][:, js].mean(0) - da[inner][:, js].mean(0)).max() > 1000 * max(err, 1e-4)
 
 
+class Timecode(torch.nn.Module):
+    """A stand-in SyncNet whose offset is known: the lip feature is a bump at the code a frame's
+    brightness carries, the audio feature a bump at the code the MFCC log-energy carries (both
+    mapped by `value = base + slope * code`, fitted on the decoded test clip), so distances are
+    smallest where picture and sound carry the same code."""
+
+    def __init__(self, lip: tuple[float, float], audio: tuple[float, float]):
+        super().__init__()
+        (self.lip_slope, self.lip_base), (self.slope, self.base) = lip, audio
+
+    @staticmethod
+    def bump(code):
+        d = torch.arange(256, dtype=torch.float32)
+        return torch.exp(-((d[None, :] - 4 * code[:, None]) ** 2) / 8.0)
+
+    def forward_lip(self, x):
+        return self.bump((x[:, 0, 0, 0, 0] - self.lip_base) / self.lip_slope)
+
+    def forward_aud(self, x):
+        return self.bump((x[:, 0, 0, 0] - self.base) / self.slope)
+
+
+def timecode_clip(path, n: int, delay: int):
+    """n grey 224x224 frames, frame t at level 60 + 2t; a 440 Hz tone whose level steps up with
+    every 640-sample frame, `delay` frames late (a positive delay: the audio lags the picture)."""
+    frames = [np.full((224, 224, 3), 60 + 2 * t, np.uint8) for t in range(n)]
+    codes = np.clip(np.arange(n) - delay, 0, None)
+    amplitude = np.repeat(40.0 * np.exp(0.1 * codes), 640)  # 40 to 11000: within int16
+    samples = amplitude * np.sin(2 * np.pi * 440 * np.arange(n * 640) / 16000)
+    return write_clip(path, frames, samples.astype(np.int16)), samples.astype(np.int16)
+
+
+def test_fix_offset_shifts_the_audio_by_the_measured_offset(tmp_path):
+    """Audio 3 frames late against a stand-in network whose sync is known: the measured offset is
+    -3, --fix-offset moves the audio 120 ms earlier without touching the video packets, and the
+    fixed copy measures in sync."""
+    clip, _ = timecode_clip(tmp_path / "late.mkv", 60, delay=3)
+    frames, samples = read_clip(clip)
+    brightness = np.array([f[0, 0, 0] for f in frames], np.float64)
+    energy = psf.mfcc(samples, 16000)[:, 0]  # log-energy per 10 ms frame, as syncnet_python computes it
+    t = np.arange(5, 60)  # frames whose audio code is above 0
+    model = Timecode(lip=tuple(np.polyfit(t, brightness[t], 1)), audio=tuple(np.polyfit(t - 3, energy[4 * t], 1)))
+    options = dict(cropped=True, device="cpu", progress=False, model=model)
+    assert ev.evaluate(clip, **options)["offset"] == -3
+    fixed = tmp_path / "fixed.mkv"
+    result = ev.fix_offset(clip, fixed, **options)
+    assert result["offset"] == -3 and result["audio_shift"] == pytest.approx(-0.12, abs=1 / 16000)
+    assert ev.evaluate(fixed, **options)["offset"] == 0
+    (before, _), (after, _) = read_clip(clip), read_clip(fixed)
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
+
+
 # ----------------------------------------------------------------------------- face crops
 
 

@@ -109,6 +109,7 @@ class CenterFaceDetector:
         nms_iou: float = 0.3,
         batch_size: int | None = None,
         threads: int | None = None,
+        precision: str = "fp32",  # accepted like every detector's; the ONNX export runs in float32
     ):
         path = Path(weights) if weights is not None else default_weights()
         try:

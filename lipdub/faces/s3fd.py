@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import LipdubError
+from ..device import resolve_precision
 from ..models.s3fd import S3FD, STRIDES
 from ..weights import check_state_dict, load_state_dict, resolve, strip_module_prefix
 from .base import Face, check_frames, nms, resize_scale
@@ -77,13 +78,18 @@ class S3FDDetector:
         threshold: float = 0.5,
         nms_iou: float = 0.3,
         batch_size: int | None = None,
+        precision: str = "fp32",
     ):
         if weights is None:
             weights = resolve("s3fd")
         self.device = torch.device(device)
+        # bf16 (see lipdub.device): the VGG trunk in bfloat16 on channels-last images; the maps
+        # are decoded in float32.
+        self.precision = resolve_precision(self.device, precision)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         net = S3FD()
         net.load_state_dict(load_s3fd_weights(weights))  # checked against the schema: loads strictly
-        self.net = net.to(self.device).eval()
+        self.net = net.to(self.device, self.dtype).eval()
         self.max_side = max_side
         self.threshold = float(threshold)
         self.nms_iou = float(nms_iou)
@@ -108,6 +114,8 @@ class S3FDDetector:
         h, w = x.shape[2:]
         if h < MIN_SIDE or w < MIN_SIDE:  # too small for the trunk's five poolings: pad with the mean
             x = torch.nn.functional.pad(x, (0, max(0, MIN_SIDE - w), 0, max(0, MIN_SIDE - h)))
+        if self.precision == "bf16":
+            x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         boxes, scores = decode(self.net(x))
         return boxes.cpu().numpy(), scores.cpu().numpy()
 

@@ -18,7 +18,6 @@ from .audio import MEL_STEP_SIZE
 from .device import autocast, pick_device, resolve_precision
 from .models.wav2lip import Wav2Lip, fuse_batchnorm
 
-FACE_SIZE = 96
 
 # What `sync(model=...)` accepts: a loaded network, or a loader called with the checkpoint and device.
 ModelSource = Union[Wav2Lip, Callable[[str, torch.device], Wav2Lip], None]
@@ -30,17 +29,18 @@ def load_generator(checkpoint: str, device: torch.device | str = "cpu", skip_sha
     return weights.load_model(checkpoint, "wav2lip", pick_device(device), skip_sha256, progress)
 
 
-def generator_inputs(frames: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
-    """(B, 6, 96, 96) float32: masked target and reference face, as the original builds them.
+def generator_inputs(frames: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int = 96) -> np.ndarray:
+    """(B, 6, size, size) float32: masked target and reference face, as the original builds them
+    (the lower half of the target zeroed); `size` is the generator's face size (96 or 256).
 
     Division by 255 happens in float64 before the cast to float32, and the array is a
     channels-last view (the memory layout the original hands to torch), because the CPU
     convolutions round differently for the two layouts: with this one the predictions, and so
     the truncated uint8 mouths, are bit-identical to the original's.
     """
-    faces = np.stack([cv2.resize(f[b[1] : b[3], b[0] : b[2]], (FACE_SIZE, FACE_SIZE)) for f, b in zip(frames, boxes)])
+    faces = np.stack([cv2.resize(f[b[1] : b[3], b[0] : b[2]], (size, size)) for f, b in zip(frames, boxes)])
     masked = faces.copy()
-    masked[:, FACE_SIZE // 2 :] = 0
+    masked[:, size // 2 :] = 0
     batch = np.concatenate((masked, faces), axis=3) / 255.0
     return batch.astype(np.float32).transpose(0, 3, 1, 2)
 
@@ -68,6 +68,7 @@ class Generator:
             model = fuse_batchnorm(copy.deepcopy(model) if copy_model else model)
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.face_size = model.face_size
         self.pin = self.device.type == "cuda"  # page-locked host buffers make the copies asynchronous
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -76,11 +77,21 @@ class Generator:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=self.pin)
 
-    def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
-        """(B, 96, 96, 3) float32 predictions in [0, 1] (BGR) for `generator_inputs` and `mel_windows`."""
-        face_t, mel_t = self._to_device(faces), self._to_device(mels)
+    def encode(self, faces: np.ndarray) -> list[torch.Tensor]:
+        """The face encoder's outputs for `generator_inputs` (see `Wav2Lip.encode_face`), to pass
+        as `skips` for every frame that shows the same face."""
         with torch.inference_mode(), autocast(self.device, self.precision):
-            preds = self.model(mel_t, face_t)
+            return self.model.encode_face(self._to_device(faces))
+
+    def __call__(self, faces: np.ndarray | None, mels: np.ndarray, skips: list[torch.Tensor] | None = None) -> np.ndarray:
+        """(B, S, S, 3) float32 predictions in [0, 1] (BGR) for `generator_inputs` and `mel_windows`;
+        with `skips` (from `encode`) the face encoder does not run and `faces` is not needed."""
+        mel_t = self._to_device(mels)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            if skips is None:
+                preds = self.model(mel_t, self._to_device(faces))
+            else:
+                preds = self.model.decode(self.model.audio_encoder(mel_t), skips)
         return preds.float().cpu().numpy().transpose(0, 2, 3, 1)
 
 

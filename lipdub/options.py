@@ -73,7 +73,8 @@ def option(default: Any, help: str, **spec: Any) -> Any:
 class SyncOptions:
     """Every option of `lipdub run`, `lipdub.sync()`, the web form and a batch manifest line."""
 
-    checkpoint: str = option("wav2lip_gan", "registry name (wav2lip, wav2lip_gan) or a .pth path",
+    checkpoint: str = option("wav2lip_gan", "registry name (wav2lip, wav2lip_gan, wav2lip256) or a .pth path "
+                                            "of a 96x96 or 256x256 generator",
                              metavar="NAME|PATH")
     detector: str = option("centerface", "face detector", choices=FACE_DETECTORS, web=True)
     detector_weights: Optional[str] = option(None, "weights file for the detector (default: registry)",

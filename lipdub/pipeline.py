@@ -49,6 +49,8 @@ class SyncResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     speech: list[bool] | None = field(default=None, repr=False)  # per frame, with silence gating
     audio_shift: float = 0.0  # seconds the audio was moved by --auto-offset (> 0: later)
+    face_size: int = 96  # the generator's face size: 96 (wav2lip, wav2lip_gan) or 256 (wav2lip256)
+    precision: str = "fp32"  # the arithmetic the networks ran at
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -99,11 +101,14 @@ def render(
     batch_size: int = 16,
     timer: Timer | None = None,
     mouth: np.ndarray | None = None,
+    cache_face: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield output frames (BGR uint8) in order; output frame i shows source frame `order[i]`
     with the mouth for mel window `starts[i]`, mixed in with weight `mouth[i]` times the track's
     fade (`mouth` from silence gating; None: 1 everywhere). A frame whose weight is 0 keeps its
-    own mouth and costs no generator time.
+    own mouth and costs no generator time. When every output frame shows the same source frame
+    (a photo, `--static`) its face is cropped and encoded once (`cache_face`): only the audio
+    encoder and the decoder run per frame, with the same result.
 
     Four lanes, each on its own thread with a small queue to the next, so no stage waits while
     work is there for it: decode, crop (generator inputs of a batch), generate, blend. The
@@ -112,7 +117,8 @@ def render(
     """
     timer = timer or Timer()
     frames = prefetch(timed(source.frames_at(tick_pts, order), timer, "decode"), size=LANE_FRAMES)
-
+    one_face = cache_face and len(tick_pts) == 1
+    skips: list = []  # the encoded face, when there is one face for every frame
     def batches() -> Iterator[Batch]:
         for start in range(0, len(starts), batch_size):
             stop = min(len(starts), start + batch_size)
@@ -128,7 +134,8 @@ def render(
                 batch.frames.append(frame)
             if batch.rows:
                 with timer("crop"):
-                    batch.faces = generator_inputs([batch.frames[k] for k in batch.rows], batch.boxes)
+                    rows = batch.rows[:1] if one_face else batch.rows
+                    batch.faces = generator_inputs([batch.frames[k] for k in rows], batch.boxes, generator.face_size)
                     batch.mels = mel_windows(mel, [starts[start + k] for k in batch.rows])
             yield batch
 
@@ -136,7 +143,9 @@ def render(
         for batch in items:
             if batch.rows:
                 with timer("generate"):
-                    batch.preds = generator(batch.faces, batch.mels)
+                    if one_face and not skips:
+                        skips.extend(generator.encode(batch.faces))
+                    batch.preds = generator(batch.faces, batch.mels, skips or None)
             yield batch
 
     def blended(items: Iterator[Batch]) -> Iterator[np.ndarray]:
@@ -297,7 +306,8 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: Sy
         progress.close()
     shown = int(track.valid[order].sum())
     result = SyncResult(output, len(order), fps, width, height, shown, dict(timer.seconds),
-                        None if speech is None else speech.tolist())
+                        None if speech is None else speech.tolist(), face_size=generator.face_size,
+                        precision=generator.precision)
     if opts.auto_offset:
         syncnet = weights.cache_path("syncnet_v2")
         if not syncnet.is_file():

@@ -293,3 +293,28 @@ def test_restore_with_a_fixed_box_finds_landmarks_inside_it(tmp_path, media, wav
 
 def decode_one(path: Path) -> np.ndarray:
     return decode(path)[1]
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1), ("bf16", 0)])
+def test_a_still_face_is_encoded_once_with_the_same_result(media, model, precision, tolerance, monkeypatch, tmp_path):
+    """A photo: every frame has the same face input, so the face encoder runs once and only the
+    audio encoder and decoder run per frame. The frames equal those of encoding every frame
+    (fp32 may round one level differently: oneDNN's deep layers differ in the last bits between
+    batch sizes, which the uncached path itself also does)."""
+    photo = VideoSource(MEDIA / "p2_woman_frontal_closed_mouth_474.png")
+    wav = load_audio(short_speech(tmp_path / "speech.wav", 1.0))
+    mel = audio_mod.melspectrogram(wav)
+    starts = audio_mod.chunk_starts(mel.shape[1], 25.0)
+    track = fixed_track((90, 420, 80, 400), 1, 474, 474)
+    generator = Generator(model, precision)
+    calls = []
+    encode = generator.model.encode_face
+    monkeypatch.setattr(generator.model, "encode_face", lambda face: calls.append(len(face)) or encode(face))
+    cached = list(render(photo, [0], track, mel, starts, [0] * len(starts), generator, batch_size=8))
+    assert calls == [1]
+    calls.clear()
+    plain = list(render(photo, [0], track, mel, starts, [0] * len(starts), generator, batch_size=8, cache_face=False))
+    assert calls == [8, 8, 6]  # 22 frames in batches of 8
+    assert len(cached) == len(plain) == 22
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(cached, plain)) <= tolerance
+    assert any(not np.array_equal(frame, photo.frames().__next__()) for frame in cached)

@@ -300,3 +300,102 @@ def test_verify_names_the_variant(checkpoint_256, wav2lip_checkpoint, capsys):
     assert weights.cmd_verify(str(wav2lip_checkpoint)) == 0
     out = capsys.readouterr().out
     assert "kind:     wav2lip (Wav2Lip generator)\n" in out and "variant:  96x96 faces (the original Wav2Lip" in out
+
+
+# --------------------------------------------------------------------------------------------
+# In the pipeline: the checkpoint's face size decides the crop and the paste
+
+V3 = "v3_woman_glasses_524x524_25fps.mp4"
+V4 = "v4_man_halfbody_hevc_1080x1920_25fps.mp4"
+V3_BOX = (150, 450, 110, 410)  # TOP BOTTOM LEFT RIGHT
+
+
+def livetalking_loop(frames, mel, box, model, batch_size: int):
+    """The 256 model's inference as LiveTalking runs it with a fixed box: crop, resize to 256
+    (OpenCV bilinear), zero the lower half of the masked copy, scale by 1/255, predict, scale by
+    255, truncate to uint8, resize back to the box and paste as a rectangle. Windows and frames
+    as the original Wav2Lip pairs them (one frame per 16-window mel chunk, frames looping)."""
+    import cv2
+
+    chunks, step, i = [], 80.0 / 25, 0
+    while True:
+        start = int(i * step)
+        if start + 16 > mel.shape[1]:
+            chunks.append(mel[:, mel.shape[1] - 16:])
+            break
+        chunks.append(mel[:, start:start + 16])
+        i += 1
+    y1, y2, x1, x2 = box
+    out = []
+    for b in range(0, len(chunks), batch_size):
+        idx = range(b, min(len(chunks), b + batch_size))
+        fr = [frames[i % len(frames)].copy() for i in idx]
+        faces = np.asarray([cv2.resize(f[y1:y2, x1:x2], (256, 256)) for f in fr])
+        masked = faces.copy()
+        masked[:, 128:] = 0
+        img = np.concatenate((masked, faces), axis=3) / 255.0
+        mels = np.asarray([chunks[i] for i in idx])[..., None]
+        with torch.no_grad():
+            pred = model(torch.FloatTensor(np.transpose(mels, (0, 3, 1, 2))),
+                         torch.FloatTensor(np.transpose(img, (0, 3, 1, 2)))).numpy().transpose(0, 2, 3, 1) * 255.0
+        for p, f in zip(pred, fr):
+            f[y1:y2, x1:x2] = cv2.resize(p.astype(np.uint8), (x2 - x1, y2 - y1))
+            out.append(f)
+    return out
+
+
+def test_box_mode_at_256_equals_the_original_loop(tmp_path, media, model_256):
+    import av
+
+    from lipdub import audio as audio_mod
+    from lipdub.faces import fixed_track
+    from lipdub.generate import Generator
+    from lipdub.media import VideoSource, load_audio
+    from lipdub.pipeline import render, source_order
+
+    from .conftest import short_clip, short_speech
+
+    clip = short_clip(media / V3, tmp_path / "clip.mp4", 4)
+    with av.open(str(clip)) as c:
+        frames = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+    mel = audio_mod.melspectrogram(load_audio(short_speech(tmp_path / "speech.wav", 0.32)))  # 5 chunks
+    expected = livetalking_loop(frames, mel, V3_BOX, model_256, batch_size=4)
+    source = VideoSource(clip)
+    ticks = [pts for pts, _ in source.clock()]
+    starts = audio_mod.chunk_starts(mel.shape[1], 25.0)
+    order = list(source_order(len(starts), len(ticks), "loop", False))
+    got = list(render(source, ticks, fixed_track(V3_BOX, len(ticks), 524, 524), mel, starts, order,
+                      Generator(model_256, "fp32"), blend="box", batch_size=4))
+    assert len(got) == len(expected) == 5
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(got, expected)) == 0
+    y1, y2, x1, x2 = V3_BOX
+    assert all(not np.array_equal(g[y1:y2, x1:x2], f[y1:y2, x1:x2]) for g, f in zip(got, frames))
+
+
+def test_default_run_on_v4_with_a_256_checkpoint(tmp_path, media, checkpoint_256):
+    """The default detector and feather blend with a 256 generator: the frame count follows the
+    audio and the changed pixels stay in the lower half of the tracked face."""
+    import av
+
+    from lipdub import sync
+    from lipdub.media import VideoSource
+
+    from .conftest import short_speech
+
+    out = tmp_path / "v4.mp4"
+    result = sync(media / V4, short_speech(tmp_path / "speech.wav", 0.4), out, checkpoint=str(checkpoint_256),
+                  silence="generate", progress=False)
+    assert result.face_size == 256 and result.n_frames == 10
+    with av.open(str(out)) as c:
+        got = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+    src = list(VideoSource(media / V4, max_frames=10).frames())
+    assert len(got) == 10
+    for a, b in zip(got, src):
+        changed = np.abs(a.astype(int) - b).max(axis=2) > 24  # well above codec loss
+        assert changed.sum() > 500, "the 256 mouth was pasted"
+        # v4's face sits about 300-700 px down the 1920 px portrait frame, 350-750 px across: the
+        # lower half of its box, padded, lies within rows 400-900 and columns 250-850 (a few
+        # pixels elsewhere may pass the threshold by codec loss alone)
+        face = np.zeros_like(changed)
+        face[400:900, 250:850] = True
+        assert changed[face].sum() >= 0.99 * changed.sum()

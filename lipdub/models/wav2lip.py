@@ -127,18 +127,32 @@ class Wav2Lip(nn.Module):
         if sequence:  # time-major fold: item t*B + b, as the original does
             audio = torch.cat([audio[:, t] for t in range(audio.size(1))], dim=0)
             face = torch.cat([face[:, :, t] for t in range(face.size(2))], dim=0)
+        x = self.decode(self.audio_encoder(audio), self.encode_face(face))
+        if sequence:
+            x = torch.stack(torch.split(x, batch, dim=0), dim=2)
+        return x
+
+    def encode_face(self, face: torch.Tensor) -> list[torch.Tensor]:
+        """The face encoder's block outputs (the decoder's skips), shallowest first, for (B, 6, S, S)
+        faces. Separate from `decode` so a face that does not change (a photo, `--static`) is
+        encoded once and only the audio encoder and the decoder run per frame."""
         skips = []
         x = face
         for block in self.face_encoder_blocks:
             x = block(x)
             skips.append(x)
-        x = self.audio_encoder(audio)
+        return skips
+
+    def decode(self, audio_embedding: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The faces (B, 3, S, S) for audio embeddings (B, 512, 1, 1) and `encode_face` skips
+        (each of batch B, or of batch 1 for one face shared by every item)."""
+        skips = list(skips)
+        x = audio_embedding
         for block in self.face_decoder_blocks:
-            x = torch.cat((block(x), skips.pop()), dim=1)
-        x = self.output_block(x)
-        if sequence:
-            x = torch.stack(torch.split(x, batch, dim=0), dim=2)
-        return x
+            x = block(x)
+            skip = skips.pop()
+            x = torch.cat((x, skip.expand(x.size(0), -1, -1, -1) if skip.size(0) != x.size(0) else skip), dim=1)
+        return self.output_block(x)
 
 
 class Wav2LipDiscQual(nn.Module):

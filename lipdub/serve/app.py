@@ -80,6 +80,8 @@ class JobResult(BaseModel):
     frames_with_face: int
     timings: dict[str, float] = {}
     seconds: Optional[float] = None
+    face_size: int = Field(96, description="the generator's face size: 96 or 256 (wav2lip256)")
+    precision: Optional[str] = Field(None, description="the arithmetic the networks ran at: fp32 or bf16")
 
 
 class Job(BaseModel):

@@ -110,6 +110,7 @@ function formData() {
   data.append("face", state.files.face, state.files.face.name);
   data.append("audio", state.files.audio, state.files.audio.name);
   data.append("blend", $("opt-blend").value);
+  data.append("silence", $("opt-silence").value);
   const restore = $("opt-restore").value;
   if (restore) data.append("restore", restore);
   const pads = ["top", "bottom", "left", "right"].map((side) => $(`pad-${side}`).value.trim() || "0");
@@ -216,7 +217,8 @@ function showJob(job) {
   if (job.status === "queued" && job.queue_position) stage = `${job.queue_position} job(s) ahead`;
   if (job.status === "done" && job.result) {
     const r = job.result;
-    stage = `${r.n_frames} frames, ${r.width}×${r.height}` + (r.seconds ? ` in ${r.seconds.toFixed(1)} s` : "");
+    stage = `${r.n_frames} frames, ${r.width}×${r.height}` + (r.seconds ? ` in ${r.seconds.toFixed(1)} s` : "") +
+      (r.face_size ? `, ${r.face_size}×${r.face_size} model` : "");
   }
   if (job.status === "failed" || job.status === "cancelled") stage = "";
   $("job-stage").textContent = stage;

@@ -59,7 +59,8 @@ def lower_face_mask(width: int, height: int) -> np.ndarray:
     return mask
 
 
-def paste_feather(frame: np.ndarray, box: np.ndarray, pred: np.ndarray, alpha: float = 1.0) -> None:
+def paste_feather(frame: np.ndarray, box: np.ndarray, pred: np.ndarray, alpha: float = 1.0,
+                  landmarks: np.ndarray | None = None, mask_scale: float = 1.0) -> None:
     """Blend the generated lower face into `frame` in place (only inside `box`)."""
     if alpha <= 0:
         return

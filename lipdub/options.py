@@ -88,6 +88,8 @@ class SyncOptions:
                                        web=True)
     blend: str = option("feather", "feather: soft lower-face blend (default); box: the original hard paste",
                         choices=BLENDS, web=True)
+    mask_scale: float = option(1.0, "grow (> 1) or shrink (< 1) the feather blend's mouth mask", low=0.5, high=2.0,
+                               metavar="S", web=True)
     fps: float = option(25.0, "frame rate for a still image (default 25)", low=1, high=120, metavar="F", web=True)
     length: str = option("pingpong", "when the audio outlasts the video: play back and forth, or loop",
                          choices=LENGTHS, consts=(("--loop", "loop"),), web=True)

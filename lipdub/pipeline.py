@@ -84,6 +84,7 @@ class Batch:
     rows: list[int]  # indices into `frames` that show the target face
     boxes: list[np.ndarray]
     alphas: list[float]
+    landmarks: list[np.ndarray | None] = field(default_factory=list)  # five points per row, None if unknown
     faces: np.ndarray | None = None  # generator inputs of the rows
     mels: np.ndarray | None = None
     preds: np.ndarray | None = None
@@ -102,13 +103,16 @@ def render(
     timer: Timer | None = None,
     mouth: np.ndarray | None = None,
     cache_face: bool = True,
+    mask_scale: float = 1.0,
 ) -> Iterator[np.ndarray]:
     """Yield output frames (BGR uint8) in order; output frame i shows source frame `order[i]`
     with the mouth for mel window `starts[i]`, mixed in with weight `mouth[i]` times the track's
     fade (`mouth` from silence gating; None: 1 everywhere). A frame whose weight is 0 keeps its
     own mouth and costs no generator time. When every output frame shows the same source frame
     (a photo, `--static`) its face is cropped and encoded once (`cache_face`): only the audio
-    encoder and the decoder run per frame, with the same result.
+    encoder and the decoder run per frame, with the same result. The feather blend's mask follows
+    the track's landmarks where it has them (`lipdub.blend.paste_feather`), grown or shrunk by
+    `mask_scale`.
 
     Four lanes, each on its own thread with a small queue to the next, so no stage waits while
     work is there for it: decode, crop (generator inputs of a batch), generate, blend. The
@@ -131,6 +135,8 @@ def render(
                     batch.rows.append(k)
                     batch.boxes.append(track.boxes[j])
                     batch.alphas.append(alpha)
+                    marks = None if track.landmarks is None else track.landmarks[j]
+                    batch.landmarks.append(marks if marks is not None and np.isfinite(marks).all() else None)
                 batch.frames.append(frame)
             if batch.rows:
                 with timer("crop"):
@@ -152,11 +158,12 @@ def render(
         for batch in items:
             if batch.rows:
                 with timer("blend"):
-                    for k, box, pred, alpha in zip(batch.rows, batch.boxes, batch.preds, batch.alphas):
+                    for k, box, pred, alpha, marks in zip(batch.rows, batch.boxes, batch.preds, batch.alphas,
+                                                          batch.landmarks):
                         if blend == "box":
                             paste_box(batch.frames[k], box, pred, alpha)
                         else:
-                            paste_feather(batch.frames[k], box, pred, alpha)
+                            paste_feather(batch.frames[k], box, pred, alpha, marks, mask_scale)
             yield from batch.frames
 
     lanes = prefetch(blended(prefetch(generated(prefetch(batches(), size=1)), size=1)), size=LANE_FRAMES)
@@ -288,7 +295,7 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: Sy
     order = list(source_order(len(starts), len(tick_pts), opts.length, opts.static))
 
     frames = render(source, tick_pts, track, mel, starts, order, generator, opts.blend, opts.batch_size, timer,
-                    mouth)
+                    mouth, mask_scale=opts.mask_scale)
     if opts.restore:
         frames = prefetch(restored(frames, source, track, order, mouth, opts, device, timer), size=LANE_FRAMES)
     width, height = source.info.width * opts.upscale, source.info.height * opts.upscale

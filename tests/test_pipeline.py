@@ -318,3 +318,20 @@ def test_a_still_face_is_encoded_once_with_the_same_result(media, model, precisi
     assert len(cached) == len(plain) == 22
     assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(cached, plain)) <= tolerance
     assert any(not np.array_equal(frame, photo.frames().__next__()) for frame in cached)
+
+
+def test_the_gpu_transfer_path_runs_on_a_cpu(model, monkeypatch):
+    """On CUDA the generator copies its inputs through page-locked memory with non-blocking
+    copies. The same code runs here with pinning stubbed out (a CPU-only torch cannot pin), and
+    gives the results of the plain path."""
+    rng = np.random.default_rng(0)
+    faces = rng.random((4, 6, 96, 96), dtype=np.float32)
+    faces[:, :3, 48:] = 0
+    mels = (rng.random((4, 1, 80, 16), dtype=np.float32) * 8 - 4)
+    plain = Generator(model, "fp32")(faces, mels)
+    pinned = Generator(model, "fp32")
+    pinned.pin = True
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(self.shape) or self)
+    assert np.array_equal(pinned(faces, mels), plain)
+    assert calls == [(4, 1, 80, 16), (4, 6, 96, 96)]

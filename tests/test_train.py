@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -451,8 +453,6 @@ def test_empty_data_set_and_no_audio(dataset, tmp_path, expert_ckpt):
 def test_lipdub_cli_reports_training_errors_in_one_line(tmp_path, capsys):
     from lipdub import cli
 
-    if "lipdub.train" not in cli.EXTENSIONS:
-        pytest.skip("lipdub.train is not registered in lipdub.cli.EXTENSIONS")
     code = cli.main(["train", "expert", str(tmp_path / "nothing"), "-o", str(tmp_path / "e.pth"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("lipdub: error: data set is empty")
@@ -587,18 +587,18 @@ def test_event_file_round_trip(tmp_path):
 
 def test_train_proof_quick(tmp_path):
     """The reduced proof-of-learning run (benchmarks/train_proof.py --quick): 12 synthetic clips, a
-    300-step expert, a 4-step generator. The expert must already tell in-sync from off-sync windows
-    of held-out audio clearly above chance: 0.5 +- 0.031 (one standard deviation on 256 windows), so
-    0.60 is over 3 of them. Runs vary with thread timing (0.64-0.80 seen after 200 steps)."""
-    import subprocess
-    import sys
-
+    300-step expert, a 4-step generator, on one torch thread. The run is repeatable (seeded,
+    deterministic kernels, fixed thread count: one, so the number does not depend on how many
+    cores the machine has), so its accuracy is one number per machine: 0.840 on every run on the
+    2-core AMD EPYC development machine (bf16; see benchmarks/train_proof.md). The bound sits
+    0.19 below that, for other CPUs and fp32, and 5 standard deviations above chance
+    (0.5 +- 0.031 on 256 windows)."""
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_proof.py"), "--quick", "--work",
-                           str(tmp_path / "proof")], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_proof.py"), "--quick", "--threads", "1",
+                           "--work", str(tmp_path / "proof")], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
-    assert result["expert_val_windows"] == 256
-    assert result["expert_val_accuracy"] >= 0.60, result
+    assert result["expert_val_windows"] == 256 and result["torch_threads"] == 1
+    assert result["expert_val_accuracy"] >= 0.65, result
     assert result["generator_val_frames"] > 0
     assert torch.load(tmp_path / "proof" / "wav2lip.pth", weights_only=True)["global_step"] == 4

@@ -33,6 +33,7 @@ then raises `BadManifest` (a LipdubError: exit code 2) naming the first bad line
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -46,6 +47,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -63,7 +65,7 @@ from . import weights
 from .device import cpu_count
 from .errors import LipdubError
 from .generate import GeneratorCache
-from .media import write_atomic
+from .media import check_readable, write_atomic
 from .options import SyncOptions, check_value, fields, flag_of, from_text, spec_of
 from .pipeline import sync
 from .progress import bar
@@ -177,7 +179,7 @@ def check_line(line: int, values: dict[Any, Any], text: bool) -> ManifestLine:
     for raw_key, value in values.items():
         if not isinstance(raw_key, str):
             return _line_error(line, None, "a field without a name")
-        key = raw_key.strip().replace("-", "_")
+        key = raw_key.strip().lower().replace("-", "_")
         if key in seen:
             return _line_error(line, raw_key, f"given twice (also as '{_clip(seen[key], 40)}')")
         seen[key] = raw_key
@@ -305,7 +307,7 @@ def _check_header(row: list[str], line: int) -> list[str]:
     for column, name in enumerate(names, 1):
         if not name:
             raise LipdubError(f"line {line}: column {column} of the header has no name")
-        key = name.replace("-", "_")
+        key = name.lower().replace("-", "_")
         if key not in known:
             raise LipdubError(f"line {line}, field '{_clip(name, 40)}': unknown column (face, audio, output, or "
                               f"a run option of `lipdub run` such as checkpoint, blend, pads, box, face_index)")
@@ -324,8 +326,8 @@ def parse_manifest(data: bytes | str, fmt: str) -> list[ManifestLine]:
 
     Pure: no file is touched. Returns one `ManifestLine` per job line (blank lines are skipped),
     a bad one with its `error`; raises LipdubError only for the whole file (no jobs at all, a bad
-    CSV header, broken CSV quoting). Field names are the run options' (`face_index`, with
-    `face-index` accepted too).
+    CSV header, broken CSV quoting). Field names are the run options' (`face_index`; `face-index`
+    and other case are accepted too).
     """
     if fmt not in ("jsonl", "csv"):
         raise LipdubError(f"unknown manifest format '{_clip(str(fmt), 20)}' (jsonl, csv)")
@@ -734,6 +736,7 @@ class LocalRunner:
         self.pool: ProcessPoolExecutor | None = None
         self.running: dict[Future, dict] = {}
         self.attempts: dict[str, int] = {}
+        self.early: list[dict] = []  # outcomes known without a worker (a missing input)
 
     def describe(self) -> str:
         return f"{self.workers} local worker process{'es' if self.workers > 1 else ''}"
@@ -748,17 +751,25 @@ class LocalRunner:
         return self.pool
 
     def submit(self, spec: dict) -> None:
+        for role in ("face", "audio"):  # this machine is where the job runs: a missing file fails it now
+            if not is_url(spec[role]):
+                try:
+                    check_readable(spec[role])
+                except LipdubError as exc:
+                    self.early.append({"key": spec["key"], "status": "failed", "error": str(exc), "node": "local"})
+                    return
         self.attempts[spec["key"]] = self.attempts.get(spec["key"], 0) + 1
         self.running[self._pool().submit(_local_task, spec)] = spec
 
     def in_flight(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.early)
 
     def poll(self, timeout: float) -> list[dict]:
+        outcomes, self.early = self.early, []
         if not self.running:
-            return []
-        done, _ = wait(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
-        outcomes, broken = [], []
+            return outcomes
+        done, _ = wait(list(self.running), timeout=0 if outcomes else timeout, return_when=FIRST_COMPLETED)
+        broken = []
         for future in done:
             spec = self.running.pop(future)
             try:
@@ -897,10 +908,12 @@ class RayRunner:
                                                   name="lipdub-job", **resources)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # deferred: Ray
 
+        # On the driver's own node (a soft preference lets Ray put it anywhere): a node lost
+        # mid-batch then never takes the channel's record of the jobs' starts with it.
         here = ray.get_runtime_context().get_node_id()
         self.channel = ray.remote(JobChannel).options(
             num_cpus=0, max_restarts=-1, max_task_retries=-1,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)).remote()
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
         self.running: dict[Any, dict] = {}  # ObjectRef -> spec
         self.refs: dict[tuple, list] = {}  # (path, size, mtime) -> [ObjectRef, users]
         self._slots = (0, 0.0)
@@ -976,6 +989,7 @@ class RayRunner:
             if os.path.isfile(value):
                 assets[name] = value
         spec["assets"] = assets
+        spec["shipping"] = self.ship_all
         spec["shipped"] = {role: self._ship(spec[role]) for role in ("face", "audio")}
         spec["shipped"].update({name: self._ship(path) for name, path in assets.items()})
         under = self.token_dir is not None and not is_url(spec["output"]) and \
@@ -1014,9 +1028,13 @@ class RayRunner:
                 outcome = {"key": spec["key"], "status": "cancelled", "error": "cancelled"}
             except ray.exceptions.RayError as exc:
                 outcome = {"key": spec["key"], "status": "failed", "error": _ray_failure(exc)}
-            if outcome.get("status") == "need_bytes" and not self.ship_all:
+            if outcome.get("status") == "need_bytes" and not spec["shipping"]:
                 self.ship_all = True  # some node does not share our files: ship them from now on
                 self._release(spec)
+                try:  # that try does not count as an attempt
+                    self.ray.get(self.channel.forget.remote(spec["key"]), timeout=30)
+                except Exception:
+                    pass
                 self.submit({k: spec[k] for k in ("key", "line", "face", "audio", "output", "options")})
                 continue
             if outcome.get("status") == "need_bytes":
@@ -1106,6 +1124,29 @@ def _lock(out_dir: Path):
     return handle
 
 
+def remove_leftovers(output: str) -> int:
+    """Delete what a writer killed mid-job left next to a local output: the hidden temporary files
+    `media.atomic_output` names `.<stem>.partial<pid><suffix>`. Only ever called while no attempt
+    of that job is running here (before its first, after its last)."""
+    if is_url(output):
+        return 0
+    path = Path(output)
+    removed = 0
+    try:
+        leftovers = list(path.parent.glob(f".{glob_escape(path.stem)}.partial*{glob_escape(path.suffix)}"))
+    except OSError:
+        return 0
+    for leftover in leftovers:
+        if leftover.name[len(path.stem) + 9:len(leftover.name) - len(path.suffix)].isdigit():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
 def read_journal(out_dir: Path) -> dict[str, dict]:
     """Finished jobs by fingerprint (a torn last line from a crash is ignored)."""
     out: dict[str, dict] = {}
@@ -1186,6 +1227,9 @@ def run_batch(jobs: str | os.PathLike, out_dir: str | os.PathLike, workers: int 
     planned = plan_jobs(lines, base, out)
     lock = _lock(out)
     try:
+        if ray_address:  # Ray prints cluster events (a node marked dead) to stdout: keep it for the result
+            with contextlib.redirect_stdout(sys.stderr):
+                return _run(manifest, out, planned, workers, ray_address, progress, ship)
         return _run(manifest, out, planned, workers, ray_address, progress, ship)
     finally:
         lock.close()
@@ -1203,6 +1247,7 @@ def _run(manifest: str, out: Path, planned: list[Job], workers: int, ray_address
         elif is_complete(job, journal):
             entries[index] = _entry(job, "skipped", {**journal[job.key].get("result", {}), "node": None})
         else:
+            remove_leftovers(job.output)
             todo.append(job)
     by_key = {job.key: index for index, job in enumerate(planned) if not job.error}
     report_path = out / REPORT_NAME
@@ -1249,6 +1294,7 @@ def _run(manifest: str, out: Path, planned: list[Job], workers: int, ray_address
                 index = by_key[outcome["key"]]
                 job = planned[index]
                 status = outcome.get("status", "failed")
+                remove_leftovers(job.output)  # of an attempt whose node was lost mid-write
                 if status == "done":
                     size = output_size(job.output)
                     if size is None:

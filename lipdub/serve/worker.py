@@ -302,7 +302,9 @@ class RayPool:
     def connect(self) -> None:
         """Join the cluster (a LipdubError when it cannot be reached), before the server listens."""
         if self.runner is None:
+            sigterm = signal.getsignal(signal.SIGTERM)
             self.runner = RayRunner(self.address, workers=self.n, token_dir=self.store.data, log_to_driver=True)
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init's handler exits at once; uvicorn shuts down cleanly
             log.info("jobs run on %s", self.runner.describe())
 
     def start(self) -> None:

@@ -193,7 +193,7 @@ def test_smaller_than_today_with_the_same_mouth_coverage(v2, renders):
 
 
 def test_mask_scale_grows_and_shrinks_the_changed_area(v2, generator, renders):
-    track, frames = v2[2], v2[5]
+    frames = v2[5]
     few = FRAMES[:4]
 
     def area(outs):

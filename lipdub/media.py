@@ -189,8 +189,40 @@ def _output_fps(stream: av.video.stream.VideoStream) -> Fraction:
     return Fraction(25)
 
 
+MAX_SIDE = 8192  # pixels on a side of any frame lipdub decodes; larger files are refused unread
+
+
+def check_frame_size(width: int, height: int, path: str | os.PathLike) -> None:
+    """Refuse a frame size before anything is decoded into memory (a 30000x30000 PNG header
+    would otherwise make the decoder allocate 2.7 GB)."""
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise LipdubError(f"{path} is {width}x{height} pixels; frames of up to {MAX_SIDE} pixels on a side "
+                          "are supported")
+    if width <= 0 or height <= 0:
+        raise LipdubError(f"{path} has no picture size in its header (not a readable image or video)")
+
+
+def probe_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the first video stream as its header states it, without decoding.
+
+    FFmpeg leaves the size at 0 for an image header it refuses (e.g. a PNG of 30000x30000), so a
+    PNG's size is read from its IHDR chunk, to name the size in the message."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    with _open(path) as container:
+        if not container.streams.video:
+            raise LipdubError(f"{path} has no picture")
+        context = container.streams.video[0].codec_context
+        return int(context.width or 0), int(context.height or 0)
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
+    """A still image as BGR uint8, its size checked from the header before it is decoded."""
     path = check_readable(path)
+    check_frame_size(*probe_size(path), path)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:  # formats OpenCV lacks: let FFmpeg try
         with _open(path) as container:
@@ -227,6 +259,7 @@ class VideoSource:
             if not container.streams.video:
                 raise LipdubError(f"{self.path} has no video stream")
             stream = container.streams.video[0]
+            check_frame_size(int(stream.codec_context.width or 0), int(stream.codec_context.height or 0), self.path)
             try:
                 first = next(container.decode(stream))
             except (av.FFmpegError, StopIteration):

@@ -111,6 +111,7 @@ function formData() {
   data.append("audio", state.files.audio, state.files.audio.name);
   data.append("blend", $("opt-blend").value);
   data.append("silence", $("opt-silence").value);
+  data.append("mask_scale", $("opt-mask-scale").value.trim() || "1.0");
   const restore = $("opt-restore").value;
   if (restore) data.append("restore", restore);
   const pads = ["top", "bottom", "left", "right"].map((side) => $(`pad-${side}`).value.trim() || "0");

@@ -207,6 +207,94 @@ def _weights(args: argparse.Namespace) -> int:
     return weights.cmd_path(args.name)
 
 
+# ------------------------------------------------------------------------------- avatar, live
+
+def _add_avatar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("avatar", help="prepare a face (video loop or photo) for lipdub live")
+    asub = p.add_subparsers(dest="avatar_command", required=True)
+    q = asub.add_parser("prepare", help="detect and track the face once; write an avatar directory",
+                        description="Decode FACE at 25 fps (a video is cut at --max-seconds), track the face as "
+                                    "`lipdub run` does, and write AVATAR_DIR: frames, boxes, landmarks and the "
+                                    "generator's face crops, so that `lipdub live` detects nothing.")
+    q.add_argument("face", metavar="FACE", help="a short video loop or a photo of the face")
+    q.add_argument("-o", "--output", required=True, metavar="AVATAR_DIR", help="directory to write (new, empty, "
+                                                                                "or an avatar to replace)")
+    q.add_argument("--detector", choices=FACE_DETECTORS, default="centerface", help="face detector")
+    q.add_argument("--detector-weights", default=None, help="weights file for the detector (default: registry)")
+    q.add_argument("--box", type=int, nargs=4, default=None, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                   help="a fixed face box for every frame, no detection")
+    q.add_argument("--pads", type=int, nargs=4, default=(0, 10, 0, 0), metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                   help="padding added to detected boxes (default 0 10 0 0)")
+    q.add_argument("--no-smooth", dest="smooth", action="store_false", help="do not smooth boxes over time")
+    q.add_argument("--face-index", type=int, default=None, metavar="N", help="the N-th face from the left")
+    q.add_argument("--max-seconds", type=float, default=10.0, help="longest loop kept from a video (default 10)")
+    q.add_argument("--resize-factor", type=int, default=1, metavar="N", help="downscale the face by N first")
+    q.add_argument("--loop", choices=("pingpong", "loop"), default="pingpong",
+                   help="idle loop of a video: forward and back (default, no seam) or restart")
+    q.add_argument("--face-size", type=int, choices=(96, 256), default=96,
+                   help="the generator's face size the crops are stored at (96: wav2lip, wav2lip_gan)")
+    q.add_argument("--device", default="auto", help="where the detector runs: auto, cpu, cuda, mps")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_avatar)
+
+
+def _avatar(args: argparse.Namespace) -> int:
+    from .avatar import prepare_avatar
+
+    result = prepare_avatar(args.face, args.output, detector=args.detector, detector_weights=args.detector_weights,
+                            box=tuple(args.box) if args.box else None, pads=tuple(args.pads), smooth=args.smooth,
+                            face_index=args.face_index, max_seconds=args.max_seconds,
+                            resize_factor=args.resize_factor, loop=args.loop, face_size=args.face_size,
+                            device=args.device, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(f"wrote {result.output}: {result.n_frames} frame{'s' if result.n_frames != 1 else ''}, "
+              f"{result.width}x{result.height}, face in {result.frames_with_face}")
+    return 0
+
+
+def _add_live(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("live", help="a real-time talking avatar: web page, WebRTC and a speech endpoint",
+                       description="Serve a web page and a WebRTC endpoint: the browser sends its microphone or "
+                                   "an audio file and gets the avatar's 25 fps video back with the same audio, in "
+                                   "sync. POST /api/speech takes a stream of s16le PCM (a TTS pipeline) for the "
+                                   "shared stage. Needs the `live` extra (aiortc, FastAPI, uvicorn).")
+    p.add_argument("--avatar", required=True, metavar="AVATAR_DIR", help="made by `lipdub avatar prepare`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8010, help="port to listen on (default 8010)")
+    p.add_argument("--checkpoint", default="wav2lip_gan", metavar="NAME|PATH",
+                   help="generator: registry name (wav2lip, wav2lip_gan) or a .pth path")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network arithmetic (default auto: bf16 where the hardware runs it natively)")
+    p.add_argument("--threads", type=int, default=0, help="generator threads (default: cores - 1)")
+    p.add_argument("--blend", choices=("feather", "box"), default="feather", help="how the mouth is pasted")
+    p.add_argument("--mask-scale", type=float, default=1.0, help="grow or shrink the feather mask (0.5..2)")
+    p.add_argument("--silence", choices=("keep", "generate"), default="keep",
+                   help="keep: the avatar rests in pauses (default); generate: a mouth on every frame")
+    p.add_argument("--max-sessions", type=int, default=1, help="browser sessions at once (default 1)")
+    p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=_live)
+
+
+def _live(args: argparse.Namespace) -> int:
+    try:  # deferred: aiortc, FastAPI and uvicorn are the optional `live` extra
+        from .live.server import LiveConfig, run_server
+    except ImportError as exc:
+        raise LipdubError(f"lipdub live needs aiortc, FastAPI and uvicorn ({exc.name} is missing): "
+                          f"pip install 'lipdub[live]'") from None
+    if not 0.5 <= args.mask_scale <= 2.0:
+        raise LipdubError(f"--mask-scale must be 0.5..2, got {args.mask_scale:g}")
+    return run_server(LiveConfig(
+        avatar=args.avatar, checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+        precision=args.precision, threads=args.threads, blend=args.blend, mask_scale=args.mask_scale,
+        silence=args.silence == "keep", max_sessions=args.max_sessions, skip_sha256=args.skip_sha256,
+        log_level=args.log_level))
+
+
 # ----------------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipdub", description="Streaming Wav2Lip lip-sync.")
     parser.add_argument("--version", action="version", version=f"lipdub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_batch, _add_restore, _add_eval, _add_weights, add_serve, add_train):
+    for add in (_add_run, _add_batch, _add_restore, _add_eval, _add_weights, add_serve, add_train, _add_avatar,
+                _add_live):
         add(sub)
     return parser
 

@@ -135,6 +135,56 @@ def speech_probability(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> tuple
     return times, probs
 
 
+class SpeechStream:
+    """`speech_probability` for audio that arrives in pieces (a live stream), window by window.
+
+    The same model, windows and context as the offline function, one recurrent state carried
+    from piece to piece, so the cost is the same ~70 us per 32 ms. Only the level normalisation
+    differs, because the whole signal's level is unknown in advance: each window is scaled by
+    a running level, the larger of the window's own 99.9th percentile of |x| and the previous
+    level decayed by 6 dB per `release` seconds (LEVEL_DBFS target, gain <= MAX_GAIN_DB). A loud
+    onset is thus normalised by itself, and the gain recovers over seconds when the voice gets
+    quieter. `push` returns the probabilities of the windows the piece completed; `finish`
+    zero-pads the last partial window, as `speech_probability` does.
+    """
+
+    def __init__(self, release: float = 3.0) -> None:
+        self._session = _session()
+        self._state = np.zeros((2, 1, 128), np.float32)
+        self._sr = np.array(SAMPLE_RATE, np.int64)
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._pending = np.zeros(0, np.float32)
+        self._level = 0.0
+        self._decay = 0.5 ** (WINDOW_SECONDS / float(release))
+        self.windows = 0  # windows decided so far: they cover [0, windows * WINDOW_SECONDS)
+
+    def push(self, wav: np.ndarray) -> np.ndarray:
+        x = np.asarray(wav, dtype=np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"SpeechStream needs mono audio (one dimension), got shape {x.shape}")
+        self._pending = np.concatenate([self._pending, x])
+        n = len(self._pending) // WINDOW
+        probs = np.empty(n, np.float32)
+        for k in range(n):
+            window = self._pending[k * WINDOW: (k + 1) * WINDOW]
+            self._level = max(self._level * self._decay, float(np.percentile(np.abs(window), 99.9)))
+            if self._level > 0.0:
+                window = window * np.float32(min(10 ** (LEVEL_DBFS / 20) / self._level, 10 ** (MAX_GAIN_DB / 20)))
+            chunk = np.concatenate([self._context, window])[None]
+            out, self._state = self._session.run(None, {"input": chunk, "state": self._state, "sr": self._sr})
+            probs[k] = out[0, 0]
+            self._context = window[-CONTEXT:]
+        self._pending = self._pending[n * WINDOW:]
+        self.windows += n
+        return probs
+
+    def finish(self) -> np.ndarray:
+        """The probability of the last, zero-padded window (empty when no samples are pending)."""
+        if not len(self._pending):
+            return np.zeros(0, np.float32)
+        return self.push(np.zeros(WINDOW - len(self._pending), np.float32))
+
+
 def speech_windows(probs: np.ndarray, threshold: float = THRESHOLD, threshold_off: float = THRESHOLD_OFF) -> np.ndarray:
     """Per-window speech decisions with hysteresis. Speech starts at a window with
     p >= threshold and lasts while p >= threshold_off."""

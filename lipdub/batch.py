@@ -830,12 +830,28 @@ def connect_ray(address: str, log_to_driver: bool = False) -> tuple[Any, bool]:
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
+    _probe(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LipdubError(f"cannot connect to the Ray cluster at {address}: {_clip(first, 200)}") from None
     return ray, True
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """A quick TCP connect to HOST:PORT (also of ray://HOST:PORT): ray.init itself waits forever for
+    an address where nothing answers."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d{1,5})/?", address.strip())
+    if match is None:
+        if address.strip() in ("auto", "local") or address.startswith("ray://"):
+            return
+        raise LipdubError(f"--ray needs HOST:PORT of the cluster's head node, or auto (got '{_clip(address, 80)}')")
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise LipdubError(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 class JobChannel:
@@ -1216,23 +1232,28 @@ def run_batch(jobs: str | os.PathLike, out_dir: str | os.PathLike, workers: int 
     if is_url(os.fspath(out_dir)):
         raise LipdubError("--out-dir is a local folder (outputs may still be URLs in the manifest)")
     lines = read_manifest(manifest)
-    out = Path(out_dir).expanduser().absolute()
+    ray, connected = connect_ray(ray_address) if ray_address else (None, False)  # before anything is written
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LipdubError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    if not os.access(out, os.W_OK):
-        raise LipdubError(f"the output folder {out} is not writable")
-    base = Path(_local(manifest)).expanduser().absolute().parent if not is_url(manifest) else Path.cwd()
-    planned = plan_jobs(lines, base, out)
-    lock = _lock(out)
-    try:
-        if ray_address:  # Ray prints cluster events (a node marked dead) to stdout: keep it for the result
-            with contextlib.redirect_stdout(sys.stderr):
-                return _run(manifest, out, planned, workers, ray_address, progress, ship)
-        return _run(manifest, out, planned, workers, ray_address, progress, ship)
+        out = Path(out_dir).expanduser().absolute()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LipdubError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+        if not os.access(out, os.W_OK):
+            raise LipdubError(f"the output folder {out} is not writable")
+        base = Path(_local(manifest)).expanduser().absolute().parent if not is_url(manifest) else Path.cwd()
+        planned = plan_jobs(lines, base, out)
+        lock = _lock(out)
+        try:
+            if ray_address:  # Ray prints cluster events (a node marked dead) to stdout: keep it for the result
+                with contextlib.redirect_stdout(sys.stderr):
+                    return _run(manifest, out, planned, workers, ray_address, progress, ship)
+            return _run(manifest, out, planned, workers, ray_address, progress, ship)
+        finally:
+            lock.close()
     finally:
-        lock.close()
+        if connected:
+            ray.shutdown()
 
 
 def _run(manifest: str, out: Path, planned: list[Job], workers: int, ray_address: str | None, progress: bool,

@@ -100,10 +100,10 @@ class Cluster:
                         DASHBOARD_METRIC_PORT=str(free_port()), PYTHONUNBUFFERED="1",
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
-    def start_node(self, name: str, ip: str, *extra: str, wrap: list[str] | None = None,
+    def start_node(self, name: str, ip: str, *extra: str, cpus: int = 1, wrap: list[str] | None = None,
                    timeout: float = 180.0) -> Node:
         head = not self.nodes
-        args = [RAY, "start", "--block", f"--node-ip-address={ip}", "--num-cpus=1", "--disable-usage-stats",
+        args = [RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--disable-usage-stats",
                 f"--dashboard-agent-listen-port={free_port()}"]
         if head:
             args += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
@@ -339,3 +339,13 @@ def test_node_lost_mid_batch_every_job_finishes_once(cluster, media_jobs, wav2li
     assert retried and all(j["nodes"][0] == node.node_id and j["node"] != node.node_id for j in retried), \
         report["jobs"]
     assert not list(out.rglob("*partial*"))
+
+
+def test_an_unreachable_cluster_is_one_line_and_writes_nothing(tmp_path):
+    manifest = write_jsonl(tmp_path / "jobs.jsonl", [{"face": str(P2), "audio": "a.wav"}])
+    for address, message in [(f"127.0.0.2:{free_port()}", "cannot connect to the Ray cluster at 127.0.0.2:"),
+                             ("head-node", "--ray needs HOST:PORT of the cluster's head node, or auto")]:
+        run = lipdub("batch", str(manifest), "--out-dir", str(tmp_path / "out"), "--ray", address)
+        assert run.returncode == 2
+        assert run.stderr.strip().splitlines() == [run.stderr.strip()] and message in run.stderr, run.stderr
+        assert not (tmp_path / "out").exists()

@@ -111,8 +111,17 @@ def sniff(head: bytes) -> Kind | None:
     return None
 
 
+def _shown(name: str, limit: int = 100) -> str:
+    """A client's file name as it may appear in a one-line message: control and other
+    unprintable characters as '?', at most `limit` characters."""
+    text = "".join(c if c.isprintable() else "?" for c in str(name))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check(role: str, head: bytes, name: str) -> Kind:
-    """The kind of an upload for `role` ("face" or "audio"); ValueError with a message otherwise."""
+    """The kind of an upload for `role` ("face" or "audio"); ValueError with a one-line message
+    otherwise (the name shown printable, whatever the client sent)."""
+    name = _shown(name)
     if not head:
         raise ValueError(f"{role}: '{name}' is empty")
     kind = sniff(head)

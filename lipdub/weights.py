@@ -534,7 +534,11 @@ def check_state_dict(state: Mapping[str, object], kind: str, label: str = "the s
         for key in schema:
             if key not in state:  # num_batches_tracked absent from old checkpoints
                 state[key] = torch.zeros((), dtype=torch.long)
-        return OrderedDict((k, state[k]) for k in schema)
+        _check_values(state, label)
+        # Each tensor in memory of its own: a file may store one as a view that repeats a value
+        # (stride 0) or overlaps itself, and the models edit their weights in place (BatchNorm
+        # fusion) and are loaded with `assign=True`. A no-op for the usual dense tensors.
+        return OrderedDict((k, state[k].contiguous()) for k in schema)
     unsupported = _unsupported_generator(shapes)
     if unsupported:
         raise LipdubError(f"{label} looks like {unsupported}, which is not supported; {_SUPPORTED_GENERATORS}")
@@ -543,6 +547,24 @@ def check_state_dict(state: Mapping[str, object], kind: str, label: str = "the s
     if other is not None and _score(shapes, _SCHEMAS[other]) > _score(shapes, schema):
         raise LipdubError(f"{label} looks like {_a(_describe_found(other))} checkpoint, not {_a(wanted)}")
     raise LipdubError(f"{label} is not {_a(wanted)} checkpoint: {problem}")
+
+
+def _value_problem(tensor: torch.Tensor, key: str) -> str | None:
+    """Why a tensor of the right shape still cannot be a layer's weights, or None: it must hold
+    dense floating-point numbers (a BatchNorm's `num_batches_tracked` any real number)."""
+    counter = key.endswith("num_batches_tracked")
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_complex() or tensor.dtype == torch.bool \
+            or not (counter or tensor.is_floating_point()):
+        kind = tensor.dtype if tensor.layout == torch.strided else tensor.layout
+        return f"holds {str(kind).replace('torch.', '')} values in {key}, not floating-point weights"
+    return None
+
+
+def _check_values(state: Mapping[str, torch.Tensor], label: str) -> None:
+    for key, tensor in state.items():
+        problem = _value_problem(tensor, key)
+        if problem:
+            raise LipdubError(f"{label} {problem} (a damaged or foreign file)")
 
 
 def load_model(name_or_path: str | os.PathLike, kind: str, device: torch.device | str = "cpu",
@@ -629,6 +651,7 @@ def _infer_kind(path: Path, label: str) -> str:
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for kind in _IDENTIFY_ORDER:
         if _structure_problem(shapes, expected_schema(kind)) is None:
+            _check_values(state, label)  # what loading it would refuse
             return kind
     unsupported = _unsupported_generator(shapes)
     if unsupported:

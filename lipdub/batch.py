@@ -121,8 +121,9 @@ def manifest_options() -> dict[str, dataclasses.Field]:
 
 
 def _line_error(line: int, name: str | None, message: str) -> ManifestLine:
+    """A bad line's one-line error (values quoted in `message` may hold line breaks: shown as '?')."""
     where = f"line {line}, field '{_clip(name, 40)}'" if name is not None else f"line {line}"
-    return ManifestLine(line, error=f"{where}: {message}")
+    return ManifestLine(line, error=f"{where}: {_clip(message, 300)}")
 
 
 def _clip(text: str, limit: int) -> str:

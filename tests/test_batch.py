@@ -110,6 +110,7 @@ def test_a_good_csv_with_empty_cells_and_quotes():
 BAD_LINES = [
     ('{"face": "a", "audio": "b", "colour": "red"}', "jsonl", "line 2, field 'colour': unknown field"),
     ('{"face": "a", "audio": "b", "blend": "sharp"}', "jsonl", "line 2, field 'blend': unknown blend 'sharp'"),
+    ('{"face": "a", "audio": "b", "blend": "x\\ny\\rz"}', "jsonl", "line 2, field 'blend': unknown blend 'x?y?z'"),
     ('{"face": "a", "audio": "b", "pads": [1, 2]}', "jsonl", "line 2, field 'pads': --pads must be 4 integers"),
     ('{"face": "a", "audio": "b", "pads": "1 x 2 3"}', "jsonl", "line 2, field 'pads': pads must be 4 integers"),
     ('{"face": "a", "audio": "b", "fps": 500}', "jsonl", "line 2, field 'fps': --fps must be between 1 and 120"),
@@ -133,6 +134,7 @@ BAD_LINES = [
     ('{"face": "a", "audio": "b", "batch_size": ' + "9" * 5000 + "}", "jsonl", "line 2: not valid JSON"),
     ("[" * 100000, "jsonl", "line 2: not valid JSON"),
     ("a.mp4,b.wav,1 2", "csv", "line 2, field 'pads': --pads must be 4 integers"),
+    ('a.mp4,b.wav,"1\nx"', "csv", "line 2, field 'pads': pads must be 4 integers (TOP BOTTOM LEFT RIGHT), got '1?x'"),
     ("a.mp4,,", "csv", "line 2, field 'audio': needs a file path or URL"),
     ("a.mp4,b.wav,,extra", "csv", "line 2: 4 cells, but the header (line 1) names 3 columns"),
 ]

@@ -56,9 +56,11 @@ VIDEO_CLOCK = 90000
 AUDIO_PTIME = 0.02  # 20 ms audio frames out, as WebRTC sends them
 AUDIO_CHUNK = int(SAMPLE_RATE * AUDIO_PTIME)  # 320 samples
 CENTRE_SAMPLES = int(WINDOW_CENTRE_SECONDS * SAMPLE_RATE)  # 1600: the sound a frame's mouth shows
-VIEWER_QUEUE = 10  # frames (0.4 s) a viewer's encoder may lag behind before the oldest are dropped (counted)
+VIEWER_QUEUE = 2 * FPS  # frames a viewer may lag behind before the oldest are dropped (and counted)
 MOUTHS_PER_PUSH = 2  # a stage behind by more frames draws only about this many new mouths per push
 SPEECH_BUFFER = 0.5  # seconds of posted speech buffered ahead of the clock (then the upload waits)
+CONNECT_TIMEOUT = 30.0  # seconds a peer has from the offer to a connection before its session is dropped
+TAIL_SECONDS = 2.0  # the shared clock runs on this long after speech, so its last frames are made
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Stats:
         self.speaking = 0
         self.dropped = 0
         self.held = 0
+        self.send_late: deque = deque(maxlen=60 * FPS)
         self.started = time.perf_counter()
         self.lock = threading.Lock()
 
@@ -98,6 +101,10 @@ class Stats:
             self.speaking += frame.mouth > 0
             self.records.append((frame.ready, frame.index, frame.mouth, frame.ready - centre_arrival,
                                  last_arrival - centre_arrival, frame.ready - last_arrival))
+
+    def sent(self, late: float) -> None:
+        with self.lock:
+            self.send_late.append(late)
 
     def summary(self) -> dict:
         with self.lock:
@@ -109,6 +116,10 @@ class Stats:
             recent = [r for r in records if r[0] >= records[-1][0] - 5.0]
             span = recent[-1][0] - recent[0][0]
             out["fps"] = round((len(recent) - 1) / span, 2) if span > 0 else None
+        if len(self.send_late):
+            late = np.array(self.send_late) * 1000
+            out["send_late_ms"] = {p: round(float(np.percentile(late, q)), 1) for p, q in (("p50", 50), ("p90", 90),
+                                                                                          ("p99", 99))}
         speaking = np.array([r[3:] for r in records if r[2] > 0]) if records else np.zeros((0, 3))
         for k, name in enumerate(("latency_ms", "lookahead_ms", "work_ms")):
             if len(speaking):
@@ -120,15 +131,43 @@ class Stats:
 
 # ------------------------------------------------------------------------------------- tracks
 
+class Pacer:
+    """A viewer's playout clock on the server: frame i leaves at base + i / 25 (its audio with it),
+    never before. Frames are made in bursts (a busy CPU, a push that catches up), and a browser
+    answers bursts by growing its jitter buffers, audio and video, for good. Sent on a steady
+    clock they need no buffer there. A frame that comes late moves the clock back by its lateness
+    (no frame is skipped); while frames wait ready in the queue the clock creeps forward again
+    by 1 ms per frame, so one hiccup does not cost latency for the rest of the session."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.base: float | None = None
+        self.first: int | None = None
+        self.stats = stats
+
+    async def wait(self, index: int, offset: float, queued: int) -> None:
+        now = time.perf_counter()
+        if self.base is None:
+            self.base, self.first = now, index
+        due = self.base + (index - self.first) / FPS + offset
+        if due > now:
+            await asyncio.sleep(due - now)
+        elif offset == 0.0:  # video sets the clock; its audio follows it
+            self.base += now - due
+        if offset == 0.0:
+            if queued > 1:  # frames wait: creep forward, faster the more there are
+                self.base -= 0.001 * min(queued, 8)
+            self.stats.sent(time.perf_counter() - due)
+
+
 class VideoOut(MediaStreamTrack):
-    """A viewer's video: the stage's frames in order, stamped frame index x 3600 (90 kHz)."""
+    """A viewer's video: the stage's frames in order, stamped frame index x 3600 (90 kHz), paced."""
 
     kind = "video"
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, pacer: Pacer) -> None:
         super().__init__()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.stats = stats
+        self.stats, self.pacer = stats, pacer
         self.first: int | None = None
 
     def put(self, frame: LiveFrame) -> None:
@@ -143,6 +182,7 @@ class VideoOut(MediaStreamTrack):
         frame = await self.queue.get()
         if self.first is None:
             self.first = frame.index
+        await self.pacer.wait(frame.index, 0.0, self.queue.qsize())
         out = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.image), format="bgr24")
         out.pts = (frame.index - self.first) * (VIDEO_CLOCK // FPS)
         out.time_base = fractions.Fraction(1, VIDEO_CLOCK)
@@ -150,14 +190,16 @@ class VideoOut(MediaStreamTrack):
 
 
 class AudioOut(MediaStreamTrack):
-    """A viewer's audio: each frame's own 40 ms of the input, as two 20 ms frames stamped on the
-    frame's clock, so it plays with its picture (delayed by exactly the time the picture took)."""
+    """A viewer's audio: each frame's own 40 ms of the input, as two 20 ms frames stamped and
+    paced on the frame's clock, so it plays with its picture (delayed by exactly the time the
+    picture took)."""
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer) -> None:
         super().__init__()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.pacer = pacer
         self.first: int | None = None
 
     def put(self, frame: LiveFrame) -> None:
@@ -169,12 +211,13 @@ class AudioOut(MediaStreamTrack):
         pcm = np.clip(np.round(frame.audio * 32767.0), -32768, 32767).astype(np.int16)
         start = (frame.index - self.first) * SAMPLES_PER_FRAME
         for k in range(0, SAMPLES_PER_FRAME, AUDIO_CHUNK):
-            self.queue.put_nowait((start + k, pcm[k: k + AUDIO_CHUNK]))
+            self.queue.put_nowait((frame.index, k, start + k, pcm[k: k + AUDIO_CHUNK]))
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        pts, pcm = await self.queue.get()
+        index, k, pts, pcm = await self.queue.get()
+        await self.pacer.wait(index, k / SAMPLE_RATE, 0)
         out = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
         out.sample_rate = SAMPLE_RATE
         out.pts = pts
@@ -184,8 +227,9 @@ class AudioOut(MediaStreamTrack):
 
 class Viewer:
     def __init__(self, stats: Stats) -> None:
-        self.video = VideoOut(stats)
-        self.audio = AudioOut()
+        self.pacer = Pacer(stats)
+        self.video = VideoOut(stats, self.pacer)
+        self.audio = AudioOut(self.pacer)
 
     def put(self, frame: LiveFrame) -> None:
         self.video.put(frame)
@@ -325,6 +369,8 @@ class SharedStage:
         self.buffer: deque = deque()
         self.buffered = 0
         self.speaker: str | None = None
+        self.fed = 0  # samples the clock has fed the stage
+        self.awake_until = 0.0  # the clock keeps feeding silence this long after speech
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -361,8 +407,12 @@ class SharedStage:
                     await asyncio.sleep(delay)
                 elif delay < -1.0:  # the loop stalled for a second: do not replay the whole second
                     started, ticks = time.perf_counter(), 0
-                if self.stage.viewers or self.speaker is not None or self.buffered:
+                now = time.perf_counter()
+                if self.speaker is not None or self.buffered:
+                    self.awake_until = now + TAIL_SECONDS
+                if self.stage.viewers or now < self.awake_until:  # idle without viewers or speech
                     self.stage.feed(self._take(AUDIO_CHUNK))
+                    self.fed += AUDIO_CHUNK
                 ticks += 1
         except asyncio.CancelledError:
             pass
@@ -469,6 +519,12 @@ def create_app(config: LiveConfig, performer: Performer) -> FastAPI:
             if pc.connectionState in ("failed", "closed"):
                 await drop(key)
 
+        async def give_up() -> None:  # a peer that never connects (it got the answer, then vanished)
+            await asyncio.sleep(CONNECT_TIMEOUT)
+            if key in peers and pc.connectionState != "connected":
+                await drop(key)
+
+        asyncio.ensure_future(give_up())
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=params.sdp, type=params.type))
             pc.addTrack(viewer.video)
@@ -523,6 +579,11 @@ def create_app(config: LiveConfig, performer: Performer) -> FastAPI:
                     await asyncio.sleep(AUDIO_PTIME)
             while shared.buffered > 0:
                 await asyncio.sleep(AUDIO_PTIME)
+            end = shared.fed  # the stream sample after this speech
+            deadline = time.perf_counter() + TAIL_SECONDS
+            while shared.stage.session.next_frame * SAMPLES_PER_FRAME < end and time.perf_counter() < deadline:
+                shared.awake_until = max(shared.awake_until, time.perf_counter() + TAIL_SECONDS)
+                await asyncio.sleep(AUDIO_PTIME)  # until the frames that show its last sounds are made
         finally:
             if shared.speaker == key:
                 shared.speaker = None

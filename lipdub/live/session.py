@@ -420,17 +420,27 @@ class LiveSession:
                 item.mel = self._columns[:, a: a + MEL_STEP_SIZE].astype(np.float32)
             pending.append(item)
         preds: dict[int, np.ndarray] = {}
-        if self.hold > 1 and self._last_pred is not None:
-            for p in pending:  # under overload, some frames repeat the last mouth instead of drawing one
-                if p.mel is not None and p.index % self.hold:
-                    preds[p.index], p.mel = self._last_pred, None
-                    self.held += 1
+        held = set()
+        if self.hold > 1:  # under overload some frames repeat the mouth before them instead of drawing one
+            have_mouth = self._last_pred is not None
+            for p in pending:
+                if p.mel is None:
+                    continue
+                if have_mouth and p.index % self.hold:
+                    held.add(p.index)
+                    p.mel = None
+                have_mouth = True
         todo = [p for p in pending if p.mel is not None]
         for k in range(0, len(todo), self.max_batch):
             batch = todo[k: k + self.max_batch]
             mels = np.stack([p.mel for p in batch])[:, None]
             for p, pred in zip(batch, self.performer.mouths([p.source for p in batch], mels)):
-                preds[p.index] = self._last_pred = pred
+                preds[p.index] = pred
+        for p in pending:
+            if p.index in held:
+                preds[p.index] = self._last_pred
+                self.held += 1
+            self._last_pred = preds.get(p.index, self._last_pred)
         for p in pending:
             image = self.performer.draw(p.source, preds.get(p.index), p.weight)
             out.append(LiveFrame(p.index, image, self._frame_audio(p.index), p.weight if p.index in preds else 0.0,

@@ -149,6 +149,9 @@ async function updateStats() {
         const decode = r.framesDecoded ? 1000 * r.totalDecodeTime / r.framesDecoded : 0;
         $("jitter").textContent = `${jitter.toFixed(0)} + ${decode.toFixed(1)} ms`;
       }
+      if (r.type === "inbound-rtp" && r.kind === "audio" && r.jitterBufferEmittedCount) {
+        $("audio-jitter").textContent = `${(1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount).toFixed(0)} ms`;
+      }
     });
   }
 }

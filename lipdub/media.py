@@ -98,6 +98,20 @@ def _shift(samples: np.ndarray, count: int) -> np.ndarray:
     return samples
 
 
+# Float audio (float PCM, or what a damaged AAC/MP3/Opus stream decodes to) can hold any value.
+# Full scale is 1.0; samples are clipped at 48 dB above it, which changes neither what a player
+# plays (it clips at 1.0) nor the mel (saturated far below), and keeps FFmpeg's AAC encoder
+# working: it refuses NaN and spins for minutes on samples around 1e5.
+MAX_SAMPLE = 256.0
+
+
+def _tamed(planes: np.ndarray) -> np.ndarray | None:
+    """`planes` with NaN as silence and samples clipped to +-MAX_SAMPLE; None when already so."""
+    if np.isfinite(planes).all() and (planes.size == 0 or np.abs(planes).max() <= MAX_SAMPLE):
+        return None
+    return np.clip(np.nan_to_num(planes, nan=0.0), -MAX_SAMPLE, MAX_SAMPLE).astype(np.float32)
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float = 0.0,
                pcm16: bool = False) -> np.ndarray:
     """The first audio stream as mono samples at `sample_rate`.
@@ -138,6 +152,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float =
     if not parts or not sum(len(p) for p in parts):
         raise LipdubError(f"{path} has an audio stream with no samples")
     samples = np.concatenate(parts).astype(np.int16 if pcm16 else np.float32, copy=False)
+    if not pcm16:
+        if not np.isfinite(samples).all():
+            raise LipdubError(f"{path} has audio samples that are not numbers (NaN or infinite): damaged audio data")
+        np.clip(samples, -MAX_SAMPLE, MAX_SAMPLE, out=samples)
     return _shift(samples, round(start * sample_rate))
 
 
@@ -574,12 +592,15 @@ class AudioTrack:
         def encode(frames):
             nonlocal samples, skip
             for out in frames:
+                planes = out.to_ndarray()
+                edited = _tamed(planes)
                 if skip:
-                    planes = _shift(out.to_ndarray(), skip)
+                    edited = _shift(planes if edited is None else edited, skip)
                     skip = max(0, skip - out.samples)
-                    if planes.shape[-1] == 0:
+                    if edited.shape[-1] == 0:
                         continue
-                    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format="fltp", layout=layout)
+                if edited is not None:
+                    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(edited), format="fltp", layout=layout)
                     out.sample_rate = rate
                 out.pts, out.time_base = samples, Fraction(1, rate)
                 samples += out.samples

@@ -37,7 +37,9 @@ from lipdub.errors import LipdubError
 
 MEDIA_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".wav", ".mp3", ".m4a", ".flac",
                   ".ogg", ".png", ".jpg", ".webp", ".bmp", ".tiff", ".gif", ".webm")
-MAX_TICKS = 24  # output-clock ticks read per media input (frames are checked one by one)
+MAX_TICKS = 24  # output-clock ticks whose frames are checked, per media input
+MAX_SHOWN = 64  # input frames the clock is followed through (for how long each is held)
+TICK_BUDGET = 50_000  # ticks followed at most
 WEIGHT_KINDS = ("wav2lip", "s3fd", "syncnet_v2", "gfpgan")
 
 
@@ -91,22 +93,32 @@ def media_file(data: bytes) -> Path | None:
 
 
 def _check_video(path: Path) -> None:
-    from lipdub.media import MAX_SIDE, VideoSource
+    from lipdub.media import MAX_HOLD_S, MAX_SIDE, VideoSource
 
     source = VideoSource(path)
     info = source.info
     _expect(0 < info.width <= MAX_SIDE and 0 < info.height <= MAX_SIDE, f"frame size {info.width}x{info.height}")
     _expect(isinstance(info.fps, Fraction) and 0 < info.fps <= 1000, f"clock rate {info.fps}")
     _expect(info.n_frames_estimate >= 1, f"frame estimate {info.n_frames_estimate}")
+    # no frame is shown for longer than MAX_HOLD_S: the clock's length follows the frames, not
+    # whatever the timestamps claim (a tick costs `lipdub run` a scan step, `restore` an encode)
+    longest = MAX_HOLD_S * info.fps + 2
     clock = source.clock()
+    shown, run, last = 0, 0, None
     try:
-        for pts, frame in itertools.islice(clock, MAX_TICKS):
-            # every consumer (tracking, blending, the writer) takes the size from `info`
-            _expect(isinstance(frame, np.ndarray) and frame.dtype == np.uint8
-                    and frame.shape == (info.height, info.width, 3),
-                    f"frame {getattr(frame, 'shape', None)} {getattr(frame, 'dtype', None)} "
-                    f"from a source of {info.width}x{info.height}")
-            _expect(isinstance(pts, int), f"pts {pts!r}")
+        for tick, (pts, frame) in enumerate(itertools.islice(clock, TICK_BUDGET)):
+            if tick < MAX_TICKS:
+                # every consumer (tracking, blending, the writer) takes the size from `info`
+                _expect(isinstance(frame, np.ndarray) and frame.dtype == np.uint8
+                        and frame.shape == (info.height, info.width, 3),
+                        f"frame {getattr(frame, 'shape', None)} {getattr(frame, 'dtype', None)} "
+                        f"from a source of {info.width}x{info.height}")
+                _expect(isinstance(pts, int), f"pts {pts!r}")
+            run, shown = (run + 1, shown) if pts == last else (1, shown + 1)
+            last = pts
+            _expect(run <= longest, f"one frame (pts {pts}) held for more than {run} ticks at {info.fps} fps")
+            if shown > MAX_SHOWN:
+                break
     finally:
         clock.close()
 

@@ -253,6 +253,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
+# Timestamps that jump by more than this between two frames (either way) are a discontinuity
+# (a damaged or concatenated stream), not a frame to hold: the clock goes on one tick after the
+# frame before, as FFmpeg treats jumps in streams that may be discontinuous. A 1.4 KB file with a
+# 4.6-day jump would otherwise give 10 million ticks (hours of work for `lipdub run` or
+# `restore`); the audio, read as continuous samples, has no gap there either.
+MAX_HOLD_S = 60
+
+
 class VideoSource:
     """A face input (video or still image) read as BGR uint8 frames on an output clock.
 
@@ -320,7 +328,8 @@ class VideoSource:
         Tick i (time t0 + i/fps, t0 the first frame's time) shows the latest frame whose time is
         before the middle of the tick, t0 + (i + 1/2)/fps; the clock runs while the tick time is
         before the last frame's time plus half a tick. Times are exact fractions, so the rule is
-        the same on every machine; a constant-rate input at its own rate maps one to one.
+        the same on every machine; a constant-rate input at its own rate maps one to one. A jump
+        of the timestamps by more than MAX_HOLD_S is taken out (the next frame one tick later).
         """
         limit = self.max_frames
         if self._image is not None:
@@ -331,9 +340,14 @@ class VideoSource:
         i = 0
         prev: tuple[int, np.ndarray] | None = None
         last_time = Fraction(0)
+        offset = Fraction(0)  # the timestamp jumps taken out so far (see MAX_HOLD_S)
         for pts, time, frame in self._raw():
+            time -= offset
             if t0 is None:
                 t0 = time
+            elif abs(time - last_time) > MAX_HOLD_S:  # a discontinuity: go on one tick later
+                offset += time - last_time - tick
+                time = last_time + tick
             while prev is not None and time >= t0 + (i + Fraction(1, 2)) * tick:
                 yield prev
                 i += 1

@@ -165,4 +165,6 @@ $("audio-file").addEventListener("change", (event) => {
 $("stop").addEventListener("click", () => stop());
 $("play-audio").addEventListener("change", () => { video.muted = !$("play-audio").checked; });
 video.requestVideoFrameCallback(onFrame);
+// For scripts driving the page (tests, monitoring): the connection's statistics and its session.
+window.lipdubLive = { stats: () => (pc ? pc.getStats() : Promise.resolve(new Map())), session: () => session };
 loadInfo().catch((e) => setState("failed", "cannot reach the server: " + e));

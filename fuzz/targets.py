@@ -124,7 +124,7 @@ def _check_video(path: Path) -> None:
 
 
 def _check_audio(path: Path) -> None:
-    from lipdub.media import has_audio, load_audio, video_start_in_audio
+    from lipdub.media import MAX_HOLD_S, MAX_SAMPLE, has_audio, load_audio, video_start_in_audio
 
     _expect(isinstance(has_audio(path), bool), "has_audio did not answer a bool")
     samples = _refusal_or_result(load_audio, path)
@@ -132,10 +132,12 @@ def _check_audio(path: Path) -> None:
         _expect(isinstance(samples, np.ndarray) and samples.dtype == np.float32 and samples.ndim == 1
                 and samples.size > 0, f"audio {samples.dtype} {samples.shape}")
         _expect(bool(np.isfinite(samples).all()), "audio samples that are not finite numbers")
-    # `lipdub run` with a video's own audio: the audio starts where the picture does
+        _expect(float(np.abs(samples).max()) <= MAX_SAMPLE, f"audio samples up to {np.abs(samples).max()}")
+    # `lipdub run` with a video's own audio: the audio starts where the picture does (padded
+    # with silence or cut by this much, so the offset must be a start, not damaged timing)
     start = _refusal_or_result(video_start_in_audio, path)
     if start:
-        _expect(math.isfinite(start), f"video start {start}")
+        _expect(math.isfinite(start) and abs(start) <= MAX_HOLD_S, f"video start {start} s into the audio")
         shifted = _refusal_or_result(load_audio, path, 16000, start)
         if shifted is not None:
             _expect(shifted.ndim == 1 and shifted.dtype == np.float32, f"shifted audio {shifted.dtype} {shifted.shape}")

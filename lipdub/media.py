@@ -75,7 +75,9 @@ def video_start_in_audio(path: str | os.PathLike) -> float:
 
     Containers often start the streams at different times (v5: audio 0.85 s before the
     picture). When a file's own audio drives the output, cutting (or padding) the audio by this
-    amount keeps the picture where it was against the sound.
+    amount keeps the picture where it was against the sound. An offset of more than MAX_HOLD_S
+    is damaged timing, not a start (a header claiming 1e5 s had the caller pad 6 GB of
+    silence), and counts as 0.
     """
     with _open(check_readable(path)) as container:
         if not container.streams.video or not container.streams.audio:
@@ -85,7 +87,8 @@ def video_start_in_audio(path: str | os.PathLike) -> float:
             if stream.start_time is None or stream.time_base is None:
                 return 0.0
             starts.append(float(stream.start_time * stream.time_base))
-    return starts[0] - starts[1]
+    offset = starts[0] - starts[1]
+    return offset if abs(offset) <= MAX_HOLD_S else 0.0
 
 
 def _shift(samples: np.ndarray, count: int) -> np.ndarray:
@@ -257,7 +260,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 # (a damaged or concatenated stream), not a frame to hold: the clock goes on one tick after the
 # frame before, as FFmpeg treats jumps in streams that may be discontinuous. A 1.4 KB file with a
 # 4.6-day jump would otherwise give 10 million ticks (hours of work for `lipdub run` or
-# `restore`); the audio, read as continuous samples, has no gap there either.
+# `restore`); the audio, read as continuous samples, has no gap there either. The same bound
+# applies to the offset between a file's video and audio starts (`video_start_in_audio`).
 MAX_HOLD_S = 60
 
 

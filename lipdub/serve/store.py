@@ -283,6 +283,12 @@ class JobStore:
             "attempts=MAX(0, attempts-1) WHERE id=? AND status='running' AND worker=?",
             (time.time(), job_id, worker_pid))
 
+    def cancels_of(self, worker_pid: int) -> set[str]:
+        """Running jobs of this worker whose cancel was asked (one read for many jobs)."""
+        rows = self._conn().execute("SELECT id FROM jobs WHERE status='running' AND worker=? "
+                                    "AND cancel_requested IS NOT NULL", (worker_pid,))
+        return {r[0] for r in rows.fetchall()}
+
     def running_of(self, worker_pid: int) -> list[str]:
         rows = self._conn().execute("SELECT id FROM jobs WHERE status='running' AND worker=?", (worker_pid,))
         return [r[0] for r in rows.fetchall()]

@@ -365,7 +365,9 @@ class RayPool:
             raise
 
     def _progress(self, snapshot: dict[str, dict]) -> None:
+        """Progress into the table (a write only when it moved) and cancels out to the tasks."""
         now = time.monotonic()
+        cancels = self.store.cancels_of(self.pid)
         for job_id, held in list(self.jobs.items()):
             state = snapshot.get(job_id) or {}
             stage = state.get("stage") or "starting"
@@ -373,7 +375,10 @@ class RayPool:
             progress = job_progress(stage, int(state.get("done") or 0), int(state.get("total") or 0), held["scanned"])
             if progress is not None:
                 held["progress"] = max(held["progress"], min(progress, 0.999))
-            stop = self.store.report(job_id, self.pid, stage, held["progress"])
+            stop = job_id in cancels
+            if held.get("written") != (stage, held["progress"]) or stop:
+                held["written"] = (stage, held["progress"])
+                stop = self.store.report(job_id, self.pid, stage, held["progress"]) or stop
             if stop and held["stopping"] is None:
                 held["stopping"] = now
                 log.info("job %s: cancelling", job_id)

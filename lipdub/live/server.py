@@ -59,6 +59,9 @@ CENTRE_SAMPLES = int(WINDOW_CENTRE_SECONDS * SAMPLE_RATE)  # 1600: the sound a f
 VIEWER_QUEUE = 2 * FPS  # frames a viewer may lag behind before the oldest are dropped (and counted)
 MOUTHS_PER_PUSH = 2  # a stage behind by more frames draws only about this many new mouths per push
 SPEECH_BUFFER = 0.5  # seconds of posted speech buffered ahead of the clock (then the upload waits)
+PACER_WINDOW = 2.0  # seconds of frame lateness the playout delay follows
+PACER_PERCENTILE = 80  # ... its 80th percentile: the rarer, later frames go out as soon as they are ready
+UPLINK_PREFETCH = 1  # audio packets aiortc's receiver holds before decoding one (its default: 4)
 CONNECT_TIMEOUT = 30.0  # seconds a peer has from the offer to a connection before its session is dropped
 TAIL_SECONDS = 2.0  # the shared clock runs on this long after speech, so its last frames are made
 
@@ -132,30 +135,42 @@ class Stats:
 # ------------------------------------------------------------------------------------- tracks
 
 class Pacer:
-    """A viewer's playout clock on the server: frame i leaves at base + i / 25 (its audio with it),
-    never before. Frames are made in bursts (a busy CPU, a push that catches up), and a browser
-    answers bursts by growing its jitter buffers, audio and video, for good. Sent on a steady
-    clock they need no buffer there. A frame that comes late moves the clock back by its lateness
-    (no frame is skipped); while frames wait ready in the queue the clock creeps forward again
-    by 1 ms per frame, so one hiccup does not cost latency for the rest of the session."""
+    """A viewer's playout clock on the server: frame i leaves at i / 25 + delay (its audio with
+    it), never before. Frames are made in bursts (a busy CPU, a push that catches up), and a
+    browser answers bursts by growing its jitter buffers, audio and video, and keeps them. Sent
+    on a steady clock they need less. The delay follows how late the frames of the last
+    PACER_WINDOW seconds became ready against the clock set by the first frame: it
+    rises as frames come late (no frame is skipped) and falls back once the burst has left the
+    window, so one hiccup does not cost latency for the rest of the session. (On a shared
+    2-core machine the 80th percentile gave a third of the latency of the maximum, for a few
+    frames sent up to a frame late: benchmarks/bench_live.py.)"""
 
     def __init__(self, stats: Stats) -> None:
-        self.base: float | None = None
-        self.first: int | None = None
+        self.origin: float | None = None  # the first frame's ready time minus its index / 25
+        self.recent: deque = deque()  # (ready time, lateness) over the window
         self.stats = stats
 
-    async def wait(self, index: int, offset: float, queued: int) -> None:
+    def ready(self, index: int) -> None:
+        """Frame `index` has become available now: note how late it is against the clock."""
         now = time.perf_counter()
-        if self.base is None:
-            self.base, self.first = now, index
-        due = self.base + (index - self.first) / FPS + offset
-        if due > now:
-            await asyncio.sleep(due - now)
-        elif offset == 0.0:  # video sets the clock; its audio follows it
-            self.base += now - due
+        if self.origin is None:
+            self.origin = now - index / FPS
+        self.recent.append((now, now - (self.origin + index / FPS)))
+        while self.recent and self.recent[0][0] < now - PACER_WINDOW:
+            self.recent.popleft()
+
+    def due(self, index: int, offset: float = 0.0) -> float:
+        delay = np.percentile([late for _, late in self.recent], PACER_PERCENTILE) if self.recent else 0.0
+        return self.origin + index / FPS + max(0.0, delay) + offset
+
+    async def wait(self, index: int, offset: float = 0.0) -> None:
+        if self.origin is None:
+            self.ready(index)
+        due = self.due(index, offset)
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
         if offset == 0.0:
-            if queued > 1:  # frames wait: creep forward, faster the more there are
-                self.base -= 0.001 * min(queued, 8)
             self.stats.sent(time.perf_counter() - due)
 
 
@@ -182,7 +197,7 @@ class VideoOut(MediaStreamTrack):
         frame = await self.queue.get()
         if self.first is None:
             self.first = frame.index
-        await self.pacer.wait(frame.index, 0.0, self.queue.qsize())
+        await self.pacer.wait(frame.index)
         out = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.image), format="bgr24")
         out.pts = (frame.index - self.first) * (VIDEO_CLOCK // FPS)
         out.time_base = fractions.Fraction(1, VIDEO_CLOCK)
@@ -217,7 +232,7 @@ class AudioOut(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         index, k, pts, pcm = await self.queue.get()
-        await self.pacer.wait(index, k / SAMPLE_RATE, 0)
+        await self.pacer.wait(index, k / SAMPLE_RATE)
         out = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
         out.sample_rate = SAMPLE_RATE
         out.pts = pts
@@ -232,6 +247,7 @@ class Viewer:
         self.audio = AudioOut(self.pacer)
 
     def put(self, frame: LiveFrame) -> None:
+        self.pacer.ready(frame.index)
         self.video.put(frame)
         self.audio.put(frame)
 
@@ -340,6 +356,19 @@ class Resampler:
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono" if channels == 1 else "stereo")
         frame.sample_rate = rate
         return self.frame(frame)
+
+
+def shorten_uplink_buffer(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    """aiortc's audio receiver decodes a packet only once four more have arrived (its jitter
+    buffer's prefetch): 80 ms of delay, made for playing audio out smoothly. Here the audio only
+    drives mouths, a late or lost packet becomes 20 ms of silence (`pump_track`), and every 20 ms
+    held is 20 ms of latency: the buffer is told to release each packet when the next one comes.
+    (aiortc has no public setting for it; where the attribute is missing its default stays.)"""
+    for receiver in pc.getReceivers():
+        if receiver.track is track:
+            buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+            if buffer is not None and hasattr(buffer, "_prefetch"):
+                buffer._prefetch = UPLINK_PREFETCH
 
 
 async def pump_track(track: MediaStreamTrack, stage: Stage) -> None:
@@ -512,6 +541,7 @@ def create_app(config: LiveConfig, performer: Performer) -> FastAPI:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "audio" and stage is not None:
+                shorten_uplink_buffer(pc, track)
                 asyncio.ensure_future(pump_track(track, stage))
 
         @pc.on("connectionstatechange")

@@ -111,7 +111,8 @@ def main() -> None:
     for row in rows:
         ratio = f"{row['median'] / base:.2f}x" if base else "-"
         start = f"{startups[row['setup']]:.1f} s" if row["setup"] in startups else "-"
-        print(f"{row['setup']:<13} {row['median']:>18.1f} {row['low']:>6.1f}-{row['high']:<7.1f} {ratio:>9} {start:>14}")
+        spread = f"{row['low']:>6.1f}-{row['high']:<7.1f}"
+        print(f"{row['setup']:<13} {row['median']:>18.1f} {spread} {ratio:>9} {start:>14}")
 
 
 if __name__ == "__main__":

@@ -1347,7 +1347,8 @@ def _run(manifest: str, out: Path, planned: list[Job], workers: int, ray_address
     if invalid:
         others = report["total"] - len(invalid)
         more = f" (and {len(invalid) - 1} more bad line{'s' if len(invalid) > 2 else ''})" if len(invalid) > 1 else ""
-        raise BadManifest(f"{manifest} {invalid[0]['error']}{more}; the other {others} job{'s' if others != 1 else ''}: "
+        jobs = f"job{'s' if others != 1 else ''}"
+        raise BadManifest(f"{manifest} {invalid[0]['error']}{more}; the other {others} {jobs}: "
                           f"{report['done']} done, {report['skipped']} already complete, {report['failed']} failed; "
                           f"report in {report_path}", report)
     return report

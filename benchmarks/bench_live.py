@@ -78,6 +78,58 @@ def speech(seconds: float, rate: int = 16000) -> np.ndarray:
     return np.tile(a1, int(np.ceil(seconds * rate / len(a1))) + 1)[: int(seconds * rate) + rate]
 
 
+# ------------------------------------------------------------ part 0: CPU cost of each step
+def cpu_costs(performer, n: int = 30) -> dict[str, float]:
+    """Median CPU milliseconds of one thread per step: what an idle machine's latency is made of
+    (a shared machine stretches them by its load, not their CPU cost)."""
+    import av
+    from aiortc.codecs import get_encoder
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from lipdub.live.session import MelStream, MouthGate
+
+    avatar = performer.avatar
+    j = int(np.flatnonzero(avatar.valid)[0])
+    wav = speech(2.0)
+    rng = np.random.default_rng(0)
+    mels = [(rng.random((b, 1, 80, 16), dtype=np.float32) * 8 - 4) for b in (1, 2, 4)]
+    pred = performer.mouths([j], mels[0])[0]
+    image = performer.draw(j, pred, 1.0)
+    encoder = get_encoder(RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96))
+    mel, gate = MelStream(), MouthGate()
+    k = [0]
+
+    def piece():  # 20 ms of audio through the spectrogram and the speech detector
+        x = wav[k[0] * 320: (k[0] + 1) * 320]
+        k[0] += 1
+        mel.push(x)
+        gate.push(x)
+
+    def encode():  # what the viewer's track and aiortc do per frame (frames differ: real content)
+        frame = av.VideoFrame.from_ndarray(performer.draw(j, pred, 0.5 + 0.5 * (k[0] % 2)), format="bgr24")
+        frame.pts, frame.time_base = k[0] * 3600, fractions.Fraction(1, 90000)
+        k[0] += 1
+        encoder.encode(frame, False)
+
+    steps = {"audio 20 ms (mel + VAD)": piece,
+             **{f"generator batch {len(m)} (per frame)": (lambda m=m: performer.mouths([j] * len(m), m))
+                for m in mels},
+             "blend": lambda: performer.draw(j, pred, 1.0), "to VideoFrame + VP8": encode}
+    out = {}
+    for name, step in steps.items():
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(n):
+            t = time.thread_time()
+            step()
+            times.append(time.thread_time() - t)
+        per = int(name.split("batch ")[1][0]) if "batch" in name else 1
+        out[name] = 1000 * float(np.median(times)) / per
+    del image
+    return out
+
+
 # ----------------------------------------------------------------------- part 1: the server path
 
 async def server_path(performer, seconds: float) -> dict:
@@ -247,6 +299,8 @@ def main() -> None:
         performer.warm_up()
         print(f"\n== {name}: {avatar.width}x{avatar.height}, {avatar.n_frames} frame(s), "
               f"{performer.generator.precision}, {torch.get_num_threads()} thread(s), {args.seconds:g} s of speech")
+        costs = cpu_costs(performer)
+        print("   CPU ms per step (one thread): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
         print(f"   before: {load()}")
         r = asyncio.run(server_path(performer, args.seconds))
         print(f"   after:  {load()}")
@@ -255,6 +309,7 @@ def main() -> None:
         for key in ("lookahead", "work", "pacing", "encode", "total"):
             print(f"   {key:9s} ms  {percentiles(r[key])}")
         report[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+        report[name]["cpu_ms"] = costs
 
     if args.webrtc:
         from tests.test_live import LiveProcess

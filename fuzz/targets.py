@@ -20,6 +20,7 @@ crash through these very functions.
 from __future__ import annotations
 
 import atexit
+import io
 import itertools
 import json
 import math
@@ -123,6 +124,20 @@ def _check_video(path: Path) -> None:
         clock.close()
 
 
+def _encode_audio(path: Path) -> None:
+    """The audio as every output file gets it: decoded again and encoded to AAC (AudioTrack)."""
+    import av
+
+    from lipdub.media import AudioTrack
+
+    with av.open(io.BytesIO(), "w", format="mp4") as container:
+        track = AudioTrack(container, path)
+        try:
+            track.mux_until(float("inf"))
+        finally:
+            track.close()
+
+
 def _check_audio(path: Path) -> None:
     from lipdub.media import MAX_HOLD_S, MAX_SAMPLE, has_audio, load_audio, video_start_in_audio
 
@@ -133,6 +148,7 @@ def _check_audio(path: Path) -> None:
                 and samples.size > 0, f"audio {samples.dtype} {samples.shape}")
         _expect(bool(np.isfinite(samples).all()), "audio samples that are not finite numbers")
         _expect(float(np.abs(samples).max()) <= MAX_SAMPLE, f"audio samples up to {np.abs(samples).max()}")
+        _refusal_or_result(_encode_audio, path)
     # `lipdub run` with a video's own audio: the audio starts where the picture does (padded
     # with silence or cut by this much, so the offset must be a start, not damaged timing)
     start = _refusal_or_result(video_start_in_audio, path)

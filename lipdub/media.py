@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ def _open(path: Path) -> av.container.InputContainer:
 
 def is_image(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _decodable(stream, path: str | os.PathLike, what: str):
+    """`stream`, when FFmpeg has a decoder for its codec (PyAV gives a stream without one no
+    codec context, and its size, rate and channels are then missing)."""
+    if stream.codec_context is None:
+        raise LipdubError(f"cannot decode the {what} of {path}: no decoder for its codec (unsupported or corrupt)")
+    return stream
 
 
 def has_audio(path: str | os.PathLike) -> bool:
@@ -133,7 +142,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float =
     with _open(path) as container:
         if not container.streams.audio:
             raise LipdubError(f"{path} has no audio stream")
-        stream = container.streams.audio[0]
+        stream = _decodable(container.streams.audio[0], path, "audio")
         if pcm16:
             resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
         else:  # planar float, input channel layout kept: only the rate is converted
@@ -236,15 +245,36 @@ def probe_size(path: str | os.PathLike) -> tuple[int, int]:
     with _open(path) as container:
         if not container.streams.video:
             raise LipdubError(f"{path} has no picture")
-        context = container.streams.video[0].codec_context
+        context = _decodable(container.streams.video[0], path, "picture").codec_context
         return int(context.width or 0), int(context.height or 0)
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 on /dev/null for the block: OpenCV, libpng, libjpeg and libtiff print
+    their own complaints about a damaged image there (a cut-off PNG: "libpng error: ..."), next
+    to the one line lipdub reports. Only around a decode call, which takes milliseconds."""
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no stderr to keep quiet
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """A still image as BGR uint8, its size checked from the header before it is decoded."""
     path = check_readable(path)
     check_frame_size(*probe_size(path), path)
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    with _quiet_stderr():
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:  # formats OpenCV lacks: let FFmpeg try
         with _open(path) as container:
             if not container.streams.video:
@@ -288,7 +318,7 @@ class VideoSource:
         with _open(self.path) as container:
             if not container.streams.video:
                 raise LipdubError(f"{self.path} has no video stream")
-            stream = container.streams.video[0]
+            stream = _decodable(container.streams.video[0], self.path, "video")
             check_frame_size(int(stream.codec_context.width or 0), int(stream.codec_context.height or 0), self.path)
             try:
                 first = next(container.decode(stream))
@@ -589,7 +619,7 @@ class AudioTrack:
         try:
             if not self.source.streams.audio:
                 raise LipdubError(f"{self.path} has no audio stream")
-            in_stream = self.source.streams.audio[0]
+            in_stream = _decodable(self.source.streams.audio[0], self.path, "audio")
             rate = in_stream.rate if in_stream.rate in AAC_RATES else 48000
             layout = "mono" if in_stream.channels == 1 else "stereo"
             self.stream = container.add_stream("aac", rate=rate, layout=layout)

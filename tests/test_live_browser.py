@@ -153,3 +153,32 @@ def test_a_microphone_drives_the_avatar_at_25_fps(live, microphone):
     assert stats["speaking_frames"] > 0
     assert audio_energy > 0.01, audio_energy  # the returned audio carries the speech
     assert not problems, problems
+
+
+def test_the_page_streams_an_audio_file_it_chose(live, tmp_path):
+    """'Stream an audio file': the page decodes the file and plays it into the connection
+    (Web Audio -> a MediaStream track), so the file drives the mouth and plays back in sync."""
+    server, _ = live
+    speech = write_wav(tmp_path / "speech.wav", load_audio(MEDIA / "a1_en_radio_16k_stereo.wav")[: 4 * 16000])
+    problems: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_selector("#server-info:not(:empty)")
+            page.set_input_files("#audio-file", str(speech))
+            page.wait_for_function("() => document.getElementById('state').textContent === 'live'", timeout=60_000)
+            assert page.is_checked("#play-audio")  # a file's audio plays back by default
+            page.wait_for_function("() => document.getElementById('message').textContent.includes('finished')",
+                                   timeout=30_000)
+            page.wait_for_timeout(1_000)  # the last frames of the file
+            session = page.evaluate("() => window.lipdubLive.session()")
+            stats = server.json("GET", f"/api/stats?session={session}")[1][session]
+            presented = int(page.locator("#frames").inner_text())
+        finally:
+            browser.close()
+    assert presented >= 80, presented
+    assert stats["frames"] >= 100 and stats["speaking_frames"] >= 0.6 * 4 * 25, stats
+    assert not problems, problems

@@ -6,8 +6,9 @@ A *stage* is one `LiveSession` on its own worker thread: audio comes in, 25 fps 
 same audio, delayed to match them, go out to its viewers as a WebRTC video and audio track
 (aiortc; both tracks in one stream, so the browser plays them in sync). Two kinds of stage:
 
-* `POST /api/offer` with `source: "mic"`: the browser sends an audio track (its microphone, or
-  a file the page plays into the connection) and gets its own stage back (`--max-sessions`).
+* `POST /api/offer` with `source: "mic"` or `"file"`: the browser sends an audio track (its
+  microphone, or a file the page plays into the connection) and gets its own stage back
+  (`--max-sessions`).
 * `source: "server"`: the browser watches the shared stage, which speaks what a program sends
   to `POST /api/speech` (a chunked body of s16le PCM, `?rate=` and `?channels=`, e.g. a TTS
   pipeline's output) and rests, looping its idle frames, whenever nothing comes.
@@ -519,17 +520,17 @@ def create_app(config: LiveConfig, performer: Performer) -> FastAPI:
 
     @app.post("/api/offer")
     async def offer(params: Offer) -> JSONResponse:
-        if params.source not in ("mic", "server"):
-            raise HTTPException(400, "source must be 'mic' or 'server'")
+        if params.source not in ("mic", "file", "server"):
+            raise HTTPException(400, "source must be 'mic', 'file' (an audio track the page plays) or 'server'")
         if params.type != "offer":
             raise HTTPException(400, "type must be 'offer'")
-        if params.source == "mic" and len(stages) >= config.max_sessions:
+        if params.source != "server" and len(stages) >= config.max_sessions:
             raise HTTPException(503, f"busy: {len(stages)} live session(s) running (--max-sessions "
                                      f"{config.max_sessions})")
         key = secrets.token_urlsafe(8)
         pc = RTCPeerConnection()
         stage = None
-        if params.source == "mic":
+        if params.source != "server":  # the peer's audio track drives a stage of its own
             stage = Stage(performer, key, config.silence)
             stages[key] = stage
             viewer = stage.add_viewer()

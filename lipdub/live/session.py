@@ -30,7 +30,7 @@ import copy
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -294,7 +294,6 @@ class _Pending:
     source: int
     weight: float
     mel: np.ndarray | None = None
-    timings: dict = field(default_factory=dict)
 
 
 class LiveSession:
@@ -457,6 +456,6 @@ class LiveSession:
             self._columns = self._columns[:, col - self._col_base:]
             self._col_base = col
         a = self.next_frame * SAMPLES_PER_FRAME
-        if a - self._audio_base > 16 * SAMPLE_RATE:
+        if a - self._audio_base > SAMPLE_RATE:  # trimmed once a second: each push copies what is kept
             self._audio = self._audio[a - self._audio_base:]
             self._audio_base = a

@@ -54,6 +54,12 @@ async function start(source, file) {
     audioContext = new AudioContext();
     const buffer = await audioContext.decodeAudioData(await file.arrayBuffer());
     const destination = audioContext.createMediaStreamDestination();
+    // A silent source keeps the track sending after the file ends: the server's clock is the
+    // audio's, so without it the picture would stop instead of resting.
+    const hold = audioContext.createConstantSource();
+    hold.offset.value = 0;
+    hold.connect(destination);
+    hold.start();
     const node = audioContext.createBufferSource();
     node.buffer = buffer;
     node.connect(destination);

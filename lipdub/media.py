@@ -324,7 +324,10 @@ class VideoSource:
                 first = next(container.decode(stream))
             except (av.FFmpegError, StopIteration):
                 raise LipdubError(f"cannot decode the video of {self.path} (unsupported or corrupt codec data)") from None
-            frame = transform(_apply_rotation(first.to_ndarray(format="bgr24"), first.rotation))
+            check_frame_size(first.width, first.height, self.path)  # the header may have said otherwise
+            picture = _apply_rotation(first.to_ndarray(format="bgr24"), first.rotation)
+            self._picture_size = picture.shape[:2]  # every frame decoded later is brought to it
+            frame = transform(picture)
             rate = Fraction(fps).limit_denominator(1001) if fps else _output_fps(stream)
             duration = float(container.duration / 1e6) if container.duration else 0.0
             # Ticks on the output clock: the stream's own duration times the clock rate. The
@@ -337,6 +340,17 @@ class VideoSource:
                 estimate = int(round(duration * float(rate)))
             estimate = max(1, min(estimate, max_frames) if max_frames else estimate)
             self.info = VideoInfo(frame.shape[1], frame.shape[0], rate, False, estimate, first.rotation)
+
+    def _picture(self, frame: av.VideoFrame) -> np.ndarray:
+        """A decoded frame as BGR at the first frame's size. A stream whose picture size changes
+        (a new sequence header mid-stream, as in recordings of adaptive streams) is scaled back
+        to it, as FFmpeg does: every consumer takes the size from `info`."""
+        check_frame_size(frame.width, frame.height, self.path)
+        image = _apply_rotation(frame.to_ndarray(format="bgr24"), frame.rotation)
+        height, width = self._picture_size
+        if image.shape[:2] != (height, width):
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        return image
 
     # Raw decode: (pts, time in seconds as an exact fraction, frame) in presentation order.
     def _raw(self, seek_pts: int | None = None) -> Iterator[tuple[int, Fraction, np.ndarray]]:
@@ -352,7 +366,7 @@ class VideoSource:
                     pts = frame.pts if frame.pts is not None else counter
                     time = pts * time_base if frame.pts is not None else counter / self.info.fps
                     counter += 1
-                    yield pts, time, _apply_rotation(frame.to_ndarray(format="bgr24"), frame.rotation)
+                    yield pts, time, self._picture(frame)
             except av.FFmpegError as exc:
                 raise LipdubError(f"error while decoding {self.path}: {exc}") from None
 

@@ -134,6 +134,19 @@ def test_a_timestamp_jump_is_taken_out_of_the_clock(tmp_path):
     assert ticks == pts  # each frame once, the next one a tick after the jump
 
 
+def test_a_picture_size_change_mid_stream_is_scaled_back(tmp_path):
+    """Fuzz: a second frame of 195x36 in a 64x36 stream reached the writer (ValueError in np.pad)."""
+    from lipdub.media import VideoSource
+
+    path = tmp_path / "resized.mkv"
+    path.write_bytes((FUZZ / "crashes" / "media" / "crash-a2d217f164cabe264c298855dd5069d39b94f295").read_bytes()[1:])
+    with av.open(str(path)) as container:
+        sizes = [(f.width, f.height) for f in container.decode(video=0)]
+    assert len(set(sizes)) > 1
+    source = VideoSource(path)
+    assert {frame.shape for frame in source.frames()} == {(source.info.height, source.info.width, 3)}
+
+
 def test_a_damaged_stream_offset_counts_as_none(tmp_path):
     from lipdub.media import video_start_in_audio
 

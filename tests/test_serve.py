@@ -1,9 +1,11 @@
 """`lipdub serve`: the HTTP API against a real server (uvicorn on 127.0.0.1 in a subprocess).
 
-Covers the job life cycle (upload, progress, result with range requests, list, cancel,
-delete), the safety rules (bearer token, upload limit, content sniffing, unknown fields,
-queue limit), failures with the CLI's messages, a worker crash, restarts of the server in the
-middle of a job, and a short burst of status requests while a job runs.
+Covers the job life cycle (upload, progress, result with range requests and signed links,
+list, cancel, delete), the safety rules (bearer token only in the header, upload limit, content
+sniffing, picture size from the header, client file names, unknown fields, queue limit),
+failures with the CLI's messages, a worker crash, restarts of the server in the middle of a job,
+and a short burst of status requests while a job runs. Retention, the disk-space guard and the
+cancel grace period: tests/test_serve_hardening.py.
 
 `ServeProcess` and the media helpers are shared with tests/test_serve_browser.py.
 """
@@ -12,14 +14,17 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
@@ -263,7 +268,7 @@ def test_openapi_and_docs(api):
     paths = spec["paths"]
     assert {"post", "get"} <= set(paths["/api/jobs"])
     assert "get" in paths["/api/jobs/{job_id}"] and "delete" in paths["/api/jobs/{job_id}"]
-    assert "post" in paths["/api/jobs/{job_id}/cancel"]
+    assert "post" in paths["/api/jobs/{job_id}/cancel"] and "post" in paths["/api/jobs/{job_id}/link"]
     assert "get" in paths["/api/jobs/{job_id}/result"]
     form = spec["components"]["schemas"][paths["/api/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
                                           ["schema"]["$ref"].rsplit("/", 1)[-1]]
@@ -272,6 +277,15 @@ def test_openapi_and_docs(api):
     assert any("HTTPBearer" in s for s in spec["components"]["securitySchemes"])
     docs = api.request("GET", "/docs", token=None)
     assert docs.status == 200 and b"swagger" in docs.body.lower()
+    # every script and style sheet of the page comes from this server (offline); the browser test
+    # (tests/test_serve_browser.py) checks that the page renders the operations
+    assets = re.findall(rb'(?:src|href)="([^"]+)"', docs.body)
+    assert assets and all(a.startswith(b"/") and not a.startswith(b"//") for a in assets), assets
+    for asset in assets:
+        resp = api.request("GET", asset.decode(), token=None)
+        assert resp.status == 200 and len(resp.body) > 1000, (asset, resp)
+    csp = docs.headers["content-security-policy"]
+    assert "connect-src 'self'" in csp and "default-src 'self'" in csp and "http" not in csp
 
 
 def test_bearer_token_required(api):
@@ -286,9 +300,16 @@ def test_bearer_token_required(api):
         assert api.request(method, path, token="wrong").status == 401
     body, ctype = encode_multipart(files={"face": ("x.png", b"x" * 100, "image/png")})
     assert api.request("POST", "/api/jobs", body=body, headers={"Content-Type": ctype}, token=None).status == 401
-    assert api.request("GET", f"/api/info?token={TOKEN}", token=None).status == 200  # for <video src>
+    # a token in the URL is refused (it would end up in logs and history), on every method
+    for method, path in [("GET", "/api/info"), ("GET", "/api/jobs/" + "a" * 22 + "/result"),
+                         ("HEAD", "/api/jobs/" + "a" * 22 + "/result")]:
+        resp = api.request(method, f"{path}?token={TOKEN}", token=None)
+        assert resp.status == 401, (method, path, resp)
+        if method == "GET":
+            assert "a token in the URL is not accepted" in resp.json()["detail"]
     info = api.get_json("/api/info")
     assert info["workers"] == 1 and info["max_upload_mb"] == 2 and info["max_queued"] == 2
+    assert info["keep_days"] == 7
 
 
 def test_job_lifecycle_with_progress_and_range_requests(api, clips, tmp_path):
@@ -334,6 +355,7 @@ def test_job_lifecycle_with_progress_and_range_requests(api, clips, tmp_path):
     download = api.request("GET", job["result_url"] + "?download=1")
     assert download.headers["content-disposition"].startswith("attachment")
     assert download.headers["content-disposition"].endswith('-lipdub.mp4"')
+    check_signed_links(api, job_id, full.body)
 
     video = tmp_path / "result.mp4"
     video.write_bytes(full.body)
@@ -352,6 +374,45 @@ def test_job_lifecycle_with_progress_and_range_requests(api, clips, tmp_path):
     assert api.request("GET", job["result_url"]).status == 404
     assert not (api.data / "jobs" / job_id).exists()
     assert api.request("DELETE", f"/api/jobs/{job_id}").status == 404
+
+
+def check_signed_links(api: ServeProcess, job_id: str, result: bytes) -> None:
+    """A signed link opens this job's result without a token (GET, HEAD, ranges) and nothing else."""
+    assert api.request("POST", f"/api/jobs/{job_id}/link", token=None).status == 401
+    link = api.request("POST", f"/api/jobs/{job_id}/link")
+    assert link.status == 200 and link.headers["cache-control"] == "no-store", link
+    link = link.json()
+    url = link["url"]
+    assert url.startswith(f"/api/jobs/{job_id}/result?") and TOKEN not in url and "token" not in url
+    assert 850 < link["expires_at"] - time.time() <= 900  # 15 minutes by default
+    assert api.request("GET", url, token=None).body == result
+    head = api.request("HEAD", url, token=None)
+    assert head.status == 200 and int(head.headers["content-length"]) == len(result) and head.body == b""
+    part = api.request("GET", url, headers={"Range": "bytes=10-19"}, token=None)
+    assert part.status == 206 and part.body == result[10:20]
+    download = api.request("GET", link["download_url"], token=None)
+    assert download.status == 200 and download.headers["content-disposition"].startswith("attachment")
+
+    query = url.split("?", 1)[1]
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    sig, expires = params["sig"], int(params["expires"])
+    forged = [
+        f"/api/jobs/{job_id}/result?expires={expires + 1}&sig={sig}",  # a longer life
+        f"/api/jobs/{job_id}/result?expires={expires}&sig={sig[:-2] + ('AA' if sig[-2:] != 'AA' else 'BB')}",
+        f"/api/jobs/{job_id}/result?expires={expires}",
+        f"/api/jobs/{'b' * 22}/result?{query}",  # another job
+        f"/api/jobs/{job_id}?{query}",  # another endpoint of the same job
+        f"/api/jobs?{query}",
+    ]
+    for path in forged:
+        assert api.request("GET", path, token=None).status == 401, path
+    assert api.request("DELETE", f"/api/jobs/{job_id}?{query}", token=None).status == 401
+
+    short = api.request("POST", f"/api/jobs/{job_id}/link?seconds=1").json()
+    while time.time() <= short["expires_at"] + 0.1:
+        time.sleep(0.2)
+    assert api.request("GET", short["url"], token=None).status == 401
+    assert api.request("POST", f"/api/jobs/{job_id}/link?seconds=7200").status == 422  # at most an hour
 
 
 def test_unknown_and_malformed_ids(api):
@@ -408,6 +469,93 @@ def test_upload_size_limit(api, clips):
     assert api.get_json("/api/jobs?status=queued")["jobs"] == []
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height (RGB, 8 bits) with a tiny, truncated image stream:
+    a decompression bomb that a decoder would allocate width*height*3 bytes for."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + \
+        chunk(b"IEND", b"")
+
+
+def h264_clip(path: Path, width: int, height: int, frames: int = 2) -> Path:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_picture_size_is_checked_at_upload(api, clips, tmp_path):
+    """Frames over 8192 px on a side are refused at upload from the header (as `lipdub run` refuses
+    them), and so is a face file without a picture; no job, no file is left behind."""
+    import av
+    import numpy as np
+
+    before = api.get_json("/api/jobs")["counts"]
+    jobs_before = sorted(p.name for p in (api.data / "jobs").iterdir())
+    bomb = png_header_only(30000, 30000)
+    assert len(bomb) < 200
+    resp = api.submit(("bomb.png", bomb), clips["a1s"])
+    assert resp.status == 413, resp
+    assert resp.json()["detail"] == \
+        "face: 'bomb.png' is 30000x30000 pixels; frames of up to 8192 pixels on a side are supported"
+    for width, height in ((8208, 16), (16, 8208)):  # a video stream's size, from the container
+        clip = h264_clip(tmp_path / f"tall-{width}x{height}.mp4", width, height)
+        resp = api.submit(clip, clips["a1s"])
+        assert resp.status == 413, resp
+        assert resp.json()["detail"] == (f"face: '{clip.name}' is {width}x{height} pixels; frames of up to 8192 "
+                                         "pixels on a side are supported")
+    audio_only = tmp_path / "voice.m4a"  # an MP4 container, sniffed as possible video, with audio only
+    with av.open(str(audio_only), "w") as out:
+        stream = out.add_stream("aac", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    resp = api.submit(audio_only, clips["a1s"])
+    assert resp.status == 415 and resp.json()["detail"] == "face: 'voice.m4a' has no picture", resp
+    assert api.get_json("/api/jobs")["counts"] == before
+    assert sorted(p.name for p in (api.data / "jobs").iterdir()) == jobs_before
+    assert list((api.data / "uploads").iterdir()) == []
+
+
+def test_client_file_names_are_only_text(api, clips):
+    """An upload named ../../etc/passwd is stored under the server's own name; the client's name
+    is kept only as text (its last part), in the API and in the download's file name."""
+    passwd = Path("/etc/passwd")
+    passwd_before = (passwd.stat().st_mtime_ns, passwd.read_bytes()) if passwd.exists() else None
+    resp = api.submit(("../../etc/passwd", clips["face"].read_bytes()),
+                      ("..\\..\\<img src=x onerror=alert(1)>.wav", clips["a1s"].read_bytes()), box=P2_BOX)
+    assert resp.status == 202, resp
+    job = resp.json()
+    assert job["face_name"] == "passwd" and job["audio_name"] == "<img src=x onerror=alert(1)>.wav"
+    done = api.wait(job["id"])
+    assert done["status"] == "done", done
+    assert sorted(p.name for p in (api.data / "jobs" / job["id"]).iterdir()) == ["audio.wav", "face.png",
+                                                                                 "result.mp4"]
+    assert not list(api.data.rglob("passwd")) and not list(api.data.parent.rglob("*onerror*"))
+    if passwd_before is not None:
+        assert (passwd.stat().st_mtime_ns, passwd.read_bytes()) == passwd_before
+    listed = [j for j in api.get_json("/api/jobs")["jobs"] if j["id"] == job["id"]]
+    assert [(j["face_name"], j["audio_name"]) for j in listed] == [("passwd", "<img src=x onerror=alert(1)>.wav")]
+    download = api.request("GET", f"/api/jobs/{job['id']}/result?download=1")
+    assert download.headers["content-disposition"] == 'attachment; filename="passwd-lipdub.mp4"'
+    assert api.request("DELETE", f"/api/jobs/{job['id']}").status == 204
+
+
 def test_invalid_options(api, clips):
     cases = {
         "blend": ("bogus", "blend"),
@@ -458,6 +606,8 @@ def test_cancel_and_queue_limit(api, clips):
 
     resp = api.request("POST", f"/api/jobs/{queued[0]}/cancel")
     assert resp.status == 200 and resp.json()["status"] == "cancelled"
+    resp = api.request("POST", f"/api/jobs/{queued[0]}/link")  # no result: no link
+    assert resp.status == 409 and resp.json()["detail"] == f"job {queued[0]} is cancelled: no result"
     assert api.request("DELETE", f"/api/jobs/{long_id}").status == 409  # running: cancel first
     resp = api.request("POST", f"/api/jobs/{long_id}/cancel")
     assert resp.status == 200 and resp.json()["cancel_requested"]

@@ -41,7 +41,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="runs of a job interrupted by a server crash before it is failed (default 2)")
     p.add_argument("--token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on every /api/ call (default: $LIPDUB_TOKEN, "
-                        "else no token)")
+                        "else no token); the page plays and downloads results through short-lived signed links")
+    p.add_argument("--keep-days", type=float, default=7.0,
+                   help="delete finished jobs (their uploads, result and row) this many days after they "
+                        "finished (default 7, 0 = keep them)")
+    p.add_argument("--min-free-mb", type=float, default=1024.0,
+                   help="refuse new jobs (HTTP 507) while the data folder's disk has less free space than this, "
+                        "in MB (default 1024, 0 = no check)")
+    p.add_argument("--cancel-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="time a worker gets to stop a cancelled job before it is killed (default 10)")
     p.add_argument("--skip-sha256", action="store_true", help="accept downloaded weights whose hash differs")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -58,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         data=args.data, checkpoint=args.checkpoint, host=args.host, port=args.port, workers=args.workers, ray=args.ray,
         device=args.device, threads=args.threads, max_upload_mb=args.max_upload_mb, max_queued=args.max_queued,
-        max_attempts=args.max_attempts, token=token, skip_sha256=args.skip_sha256, access_log=args.access_log,
+        max_attempts=args.max_attempts, token=token, skip_sha256=args.skip_sha256, keep_days=args.keep_days,
+        min_free_mb=args.min_free_mb, cancel_grace_s=args.cancel_grace, access_log=args.access_log,
         log_level=args.log_level)
     return run_server(config)

@@ -2,7 +2,13 @@
 
 Requests never carry a file path or a checkpoint: uploads are stored under names the server
 makes (``jobs/<random id>/face.<sniffed ext>``), results are served only from there, and the
-model is the one given to ``lipdub serve --checkpoint``.
+model is the one given to ``lipdub serve --checkpoint``. A client's file name is kept only as
+text to show.
+
+Before a job is accepted: the bearer token (only from the ``Authorization`` header), the upload
+size, free disk space, the queue, the content (sniffed), and the face's picture size from its
+header (`probe`). Finished jobs are deleted after ``--keep-days`` (`Retention`). Results open
+with the token or with a short-lived signed link (`links`).
 """
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ import hmac
 import inspect
 import logging
 import os
+import re
 import shutil
+import threading
+import time
 import unicodedata
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +29,7 @@ from typing import Any, Literal, Optional
 from urllib.parse import parse_qs
 
 import uvicorn
+from fastapi_offline import FastAPIOffline
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +44,8 @@ from ..device import pick_device
 from ..errors import LipdubError
 from ..options import SyncOptions, options_from_text, spec_of, web_fields
 from . import sniff
+from .links import DEFAULT_TTL_S, MAX_TTL_S, LinkSigner
+from .probe import Refusal, check_upload
 from .store import FINISHED, JobStore, QueueFull, new_id, valid_id
 from .worker import RayPool, WorkerPool
 
@@ -41,6 +53,8 @@ log = logging.getLogger("lipdub.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 MIB = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form fields and multipart framing on top of the two files
+DAY_S = 86400.0
+RESULT_PATH = re.compile(r"^/api/jobs/([A-Za-z0-9_-]{22})/result$")  # the one path a signed link opens
 
 
 @dataclass
@@ -59,6 +73,8 @@ class ServeConfig:
     max_attempts: int = 2
     token: str | None = None
     skip_sha256: bool = False
+    keep_days: float = 7.0  # finished jobs (rows and files) are deleted this long after they finished; 0 = never
+    min_free_mb: float = 1024.0  # new jobs are refused (507) while the data folder's disk has less free space
     cancel_grace_s: float = 10.0
     nice: int = 5
     access_log: bool = False
@@ -67,6 +83,10 @@ class ServeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_mb * MIB)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -117,6 +137,7 @@ class Info(BaseModel):
     workers_alive: int
     max_upload_mb: float
     max_queued: int
+    keep_days: float = Field(description="finished jobs are deleted this many days after they finished (0: never)")
     restore_available: bool
     progress_available: bool
     counts: dict[str, int]
@@ -124,6 +145,12 @@ class Info(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class Link(BaseModel):
+    url: str = Field(description="GET or HEAD opens the result without a token until `expires_at`")
+    download_url: str = Field(description="the same, sent as an attachment")
+    expires_at: int = Field(description="Unix time (s) after which the link is refused")
 
 
 ERRORS = {401: {"model": ErrorBody, "description": "missing or wrong bearer token"}}
@@ -185,6 +212,56 @@ def _json_error(status: int, detail: str, headers: dict[str, str] | None = None)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def disk_refusal(config: ServeConfig, data: Path, incoming: int = 0) -> str | None:
+    """Why a new job cannot be stored (the data folder's disk would drop below --min-free-mb), or None."""
+    if config.min_free_mb <= 0:
+        return None
+    try:
+        free = shutil.disk_usage(data).free
+    except OSError:
+        return None
+    if free - incoming >= config.min_free_bytes:
+        return None
+    return (f"not enough disk space on the server for a new job: {free / MIB:.0f} MB free, and it keeps "
+            f"{config.min_free_mb:g} MB free for the jobs it runs; try again later")
+
+
+class Retention:
+    """Deletes finished jobs (rows and files) `keep_days` after they finished, on a timer thread:
+    a sweep at start, then one every tenth of the keeping time (at least 1 s, at most 10 minutes)."""
+
+    def __init__(self, store: JobStore, keep_days: float, clock=time.time) -> None:
+        self.store, self.keep_s, self.clock = store, keep_days * DAY_S, clock
+        self.interval_s = min(600.0, max(1.0, self.keep_s / 10))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self) -> list[str]:
+        removed = self.store.purge_finished(self.clock() - self.keep_s)
+        if removed:
+            log.info("deleted %d finished job(s) older than %g day(s): %s", len(removed), self.keep_s / DAY_S,
+                     ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""))
+        return removed
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:  # pragma: no cover - a failed sweep is retried at the next tick
+                log.exception("deleting old jobs failed")
+            if self._stop.wait(self.interval_s):
+                return
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lipdub-retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+
 # ------------------------------------------------------------------------------------ guard
 
 
@@ -194,15 +271,21 @@ class _TooLarge(Exception):
 
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
        "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+# /docs and /redoc: FastAPI's pages start Swagger UI / ReDoc with an inline script and the UIs set
+# inline styles; everything else still comes from this server only (the assets ship in fastapi-offline).
+DOCS_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 class Guard:
-    """ASGI middleware, before anything reads a request body: bearer token on /api/*, the
-    upload size limit (Content-Length first, then counted as the body arrives), the queue
-    limit (429 before an upload is read), and security headers on every response."""
+    """ASGI middleware, before anything reads a request body: bearer token on /api/* (from the
+    Authorization header only; a result also opens with a signed link), the upload size limit
+    (Content-Length first, then counted as the body arrives), the disk space and queue limits
+    (507 and 429 before an upload is read), and security headers on every response."""
 
-    def __init__(self, app, config: ServeConfig, store: JobStore) -> None:
-        self.app, self.config, self.store = app, config, store
+    def __init__(self, app, config: ServeConfig, store: JobStore, signer: LinkSigner) -> None:
+        self.app, self.config, self.store, self.signer = app, config, store, signer
 
     def _authorized(self, scope) -> bool:
         token = self.config.token
@@ -214,8 +297,8 @@ class Guard:
                 if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
                     return True
         if scope["method"] in ("GET", "HEAD"):  # <video src> and download links cannot send headers
-            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
-            if given and hmac.compare_digest(given.encode(), token.encode()):
+            match = RESULT_PATH.match(scope["path"])
+            if match and self.signer.allows(match.group(1), scope.get("query_string", b"")):
                 return True
         return False
 
@@ -223,9 +306,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-        if not path.startswith(("/docs", "/redoc")):
-            extra += [(b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY")]
+        extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                 (b"x-frame-options", b"DENY")]
+        docs = path in ("/docs", "/redoc", "/docs/oauth2-redirect")
+        extra.append((b"content-security-policy", (DOCS_CSP if docs else CSP).encode()))
 
         async def send_headers(message):
             if message["type"] == "http.response.start":
@@ -234,8 +318,11 @@ class Guard:
 
         if path == "/api" or path.startswith("/api/"):
             if not self._authorized(scope):
-                return await _json_error(401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
-                                         {"WWW-Authenticate": "Bearer"})(scope, receive, send_headers)
+                in_url = "token" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                return await _json_error(
+                    401, "a valid bearer token is required (Authorization: Bearer TOKEN)"
+                         + ("; a token in the URL is not accepted" if in_url else ""),
+                    {"WWW-Authenticate": "Bearer"})(scope, receive, send_headers)
             if scope["method"] == "POST" and path.rstrip("/") == "/api/jobs":
                 return await self._upload(scope, receive, send_headers)
         return await self.app(scope, receive, send_headers)
@@ -243,9 +330,15 @@ class Guard:
     async def _upload(self, scope, receive, send):
         limit = self.config.max_upload_bytes + MULTIPART_SLACK
         too_large = f"upload too large: the limit is {self.config.max_upload_mb:g} MB (face and audio together)"
+        declared = 0
         for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > limit:
-                return await _json_error(413, too_large, {"Connection": "close"})(scope, receive, send)
+            if key == b"content-length" and value.isdigit():
+                declared = int(value)
+                if declared > limit:
+                    return await _json_error(413, too_large, {"Connection": "close"})(scope, receive, send)
+        full = await run_in_threadpool(disk_refusal, self.config, self.store.data, declared)
+        if full:
+            return await _json_error(507, full, {"Retry-After": "60", "Connection": "close"})(scope, receive, send)
         queued = await run_in_threadpool(self.store.queued_count)
         if self.config.max_queued and queued >= self.config.max_queued:
             return await _json_error(429, f"the queue is full ({queued} jobs waiting); try again later",
@@ -288,11 +381,17 @@ class Guard:
 FORM_FIELDS = {"face", "audio"} | {f.name for f in web_fields()}
 
 
-def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool | None = None) -> FastAPI:
+def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool | None = None,
+               signer: LinkSigner | None = None) -> FastAPI:
+    signer = signer or LinkSigner()
+    retention = Retention(store, config.keep_days) if config.keep_days > 0 else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if pool is not None:
             pool.start()
+        if retention is not None:
+            retention.start()
         slots = pool.slots() if pool is not None else 0
         log.info("lipdub serve: http://%s:%d (data %s, checkpoint %s, %d %s%s)", config.host, config.port,
                  store.data, config.checkpoint, slots, "jobs at once on Ray" if config.ray else "worker",
@@ -300,19 +399,27 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
         try:
             yield
         finally:
+            if retention is not None:
+                retention.stop()
             if pool is not None:
                 await run_in_threadpool(pool.stop)
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc with their scripts and styles served from the
+    # fastapi-offline package, so the pages work without internet access.
+    app = FastAPIOffline(
         title="lipdub",
         version=__version__,
         description=(
             "Wav2Lip lip-sync as a service. Upload a face (video or still image) and an audio track to "
             "`POST /api/jobs`, follow `GET /api/jobs/{id}` until `status` is `done`, then fetch "
             "`GET /api/jobs/{id}/result` (an H.264/AAC mp4; HTTP range requests are supported). "
-            "When the server was started with `--token`, every `/api/` call needs `Authorization: Bearer TOKEN` "
-            "(GET requests may pass `?token=TOKEN` instead, for `<video>` elements and download links)."),
+            "When the server was started with `--token`, every `/api/` call needs `Authorization: Bearer TOKEN`; "
+            "a token in the URL is not accepted. For `<video>` elements and download links, "
+            "`POST /api/jobs/{id}/link` gives a short-lived signed URL of the result that needs no token. "
+            "Finished jobs are deleted after the server's `--keep-days`."),
         lifespan=lifespan,
+        static_url="/static-docs",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     bearer = HTTPBearer(auto_error=False, description="the server's --token / LIPDUB_TOKEN, when set")
 
@@ -353,7 +460,7 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
         workers = pool.slots() if pool is not None else (config.workers or 1)
         return {"version": __version__, "checkpoint": Path(config.checkpoint).name, "workers": workers,
                 "workers_alive": pool.alive() if pool is not None else 0, "max_upload_mb": config.max_upload_mb,
-                "max_queued": config.max_queued, "restore_available": True,
+                "max_queued": config.max_queued, "keep_days": config.keep_days, "restore_available": True,
                 "progress_available": True, "counts": store.counts()}
 
     async def create_job(request: Request, face: UploadFile, audio: UploadFile, **_: Optional[str]) -> JSONResponse:
@@ -379,8 +486,15 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
         responses={**ERRORS, 413: {"model": ErrorBody, "description": "upload larger than --max-upload-mb"},
                    415: {"model": ErrorBody, "description": "a file is not media lipdub can read"},
                    422: {"model": ErrorBody, "description": "invalid option"},
-                   429: {"model": ErrorBody, "description": "the queue is full (--max-queued); retry later"}},
+                   429: {"model": ErrorBody, "description": "the queue is full (--max-queued); retry later"},
+                   507: {"model": ErrorBody, "description": "the server's disk is nearly full (--min-free-mb); "
+                                                            "retry later"}},
     )(create_job)
+
+    def _refuse_if_full(incoming: int) -> None:
+        full = disk_refusal(config, store.data, incoming)
+        if full:
+            raise HTTPException(507, full, headers={"Retry-After": "60"})
 
     def _accept(face: UploadFile, audio: UploadFile, options: dict) -> JSONResponse:
         uploads = []
@@ -394,6 +508,7 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
             except ValueError as exc:
                 raise HTTPException(415, str(exc)) from None
             uploads.append((role, upload, name, kind))
+        _refuse_if_full(sum(upload.size or 0 for _, upload, _, _ in uploads))
         queued = store.queued_count()
         if config.max_queued and queued >= config.max_queued:
             raise HTTPException(429, f"the queue is full ({queued} jobs waiting); try again later",
@@ -410,6 +525,11 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
                     out.flush()
                     os.fsync(out.fileno())
                 files[role] = (name, target.name)
+                if role == "face":  # the picture size from its header, in a child process: nothing decoded
+                    try:
+                        check_upload(target, role, name)
+                    except Refusal as exc:
+                        raise HTTPException(exc.status, exc.message) from None
             final = store.job_dir(job_id)
             os.rename(staging, final)
             _fsync_dir(store.jobs_dir)
@@ -446,7 +566,10 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
              responses={**ERRORS, 200: {"content": {"video/mp4": {}}, "description": "the mp4"},
                         206: {"description": "part of the mp4 (Range request)"},
                         404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "not done yet"}})
-    def get_result(job_id: str, download: bool = Query(False, description="send as an attachment")) -> Response:
+    def get_result(job_id: str, download: bool = Query(False, description="send as an attachment"),
+                   expires: Optional[str] = Query(None, description="signed link: valid until (from POST .../link)"),
+                   sig: Optional[str] = Query(None, description="signed link: signature (from POST .../link)"),
+                   ) -> Response:
         """The result video of a done job; supports HTTP range requests (seeking)."""
         job = _get(job_id)
         if job["status"] != "done":
@@ -460,6 +583,21 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
         return FileResponse(path, media_type="video/mp4", filename=filename if download else None,
                             content_disposition_type="attachment" if download else "inline",
                             headers={"Cache-Control": "private, max-age=3600"})
+
+    app.head("/api/jobs/{job_id}/result", dependencies=[Depends(auth)], include_in_schema=False)(get_result)
+
+    @app.post("/api/jobs/{job_id}/link", response_model=Link, dependencies=[Depends(auth)], tags=["jobs"],
+              responses={**ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "not done"}})
+    def result_link(job_id: str, seconds: int = Query(DEFAULT_TTL_S, ge=1, le=MAX_TTL_S,
+                                                      description="how long the link works")) -> JSONResponse:
+        """A short-lived signed URL of a done job's result, for `<video src>` and download links: it
+        opens this one result with GET or HEAD, without a token, until `expires_at`."""
+        job = _get(job_id)
+        if job["status"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['status']}: no result")
+        url, expires = signer.link(job_id, seconds)
+        return JSONResponse({"url": url, "download_url": f"{url}&download=1", "expires_at": expires},
+                            headers={"Cache-Control": "no-store"})
 
     @app.post("/api/jobs/{job_id}/cancel", response_model=Job, dependencies=[Depends(auth)], tags=["jobs"],
               responses={**ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "finished"}})
@@ -487,7 +625,7 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
             raise HTTPException(409, f"job {job_id} is running: cancel it first")
         return Response(status_code=204)
 
-    app.add_middleware(Guard, config=config, store=store)
+    app.add_middleware(Guard, config=config, store=store, signer=signer)
     return app
 
 
@@ -530,6 +668,10 @@ def prepare(config: ServeConfig) -> tuple[JobStore, Any]:
         raise LipdubError("--max-upload-mb must be more than 0")
     if config.max_queued < 0 or config.max_attempts < 1:
         raise LipdubError("--max-queued must be 0 or more and --max-attempts at least 1")
+    if not config.keep_days >= 0 or not config.min_free_mb >= 0:  # also refuses NaN
+        raise LipdubError("--keep-days and --min-free-mb must be 0 or more")
+    if not config.cancel_grace_s > 0:
+        raise LipdubError("--cancel-grace must be more than 0")
     data = Path(config.data).expanduser()
     try:
         data.mkdir(parents=True, exist_ok=True)

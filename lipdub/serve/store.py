@@ -238,6 +238,18 @@ class JobStore:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         return row["status"]
 
+    def purge_finished(self, before: float) -> list[str]:
+        """Remove the jobs that finished (done, failed or cancelled) before the time `before`,
+        rows first, then their folders. Queued and running jobs are never touched. The ids removed."""
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute(
+                "DELETE FROM jobs WHERE status IN ('done', 'failed', 'cancelled') "
+                "AND COALESCE(finished, updated) < ? RETURNING id", (before,)).fetchall()]
+        for job_id in ids:
+            if valid_id(job_id):
+                shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        return ids
+
     # ------------------------------------------------------------------ worker side
 
     def claim(self, worker_pid: int) -> dict | None:

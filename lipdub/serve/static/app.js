@@ -1,5 +1,7 @@
 // lipdub web page: upload, follow and play lip-sync jobs through the HTTP API.
 // Plain browser JavaScript, no build step. Every user-provided text is set with textContent.
+// The token goes only into Authorization headers; the <video> and the download link use
+// short-lived signed URLs from POST /api/jobs/{id}/link, renewed when they run out.
 "use strict";
 
 const STAGES = {
@@ -19,6 +21,7 @@ const state = {
   files: { face: null, audio: null },
   selected: null, // job id
   shownResult: null, // job id whose result the <video> shows
+  link: null, // {job, url, download_url, expires_at} of the shown result
   jobTimer: null,
   listTimer: null,
   info: null,
@@ -35,10 +38,6 @@ class ApiError extends Error {
 
 function headers() {
   return state.token ? { Authorization: `Bearer ${state.token}` } : {};
-}
-
-function withToken(url) {
-  return state.token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(state.token)}` : url;
 }
 
 async function api(path, options = {}) {
@@ -200,6 +199,7 @@ async function refreshJob() {
 function clearJob() {
   state.selected = null;
   state.shownResult = null;
+  state.link = null;
   $("job").hidden = true;
   const video = $("job-video");
   video.removeAttribute("src");
@@ -234,20 +234,69 @@ function showJob(job) {
   if (job.status === "done" && job.result_url) {
     if (state.shownResult !== job.id) {
       state.shownResult = job.id;
-      video.src = withToken(job.result_url);
-      video.hidden = false;
+      state.link = null;
+      download.hidden = true;
+      showResult(job.id);
     }
-    download.href = withToken(`${job.result_url}?download=1`);
-    download.hidden = false;
   } else {
     if (state.shownResult) {
       state.shownResult = null;
+      state.link = null;
       video.removeAttribute("src");
       video.load();
     }
     video.hidden = true;
     download.hidden = true;
   }
+}
+
+// A signed link of a done job's result; null when the job is no longer the one shown.
+async function resultLink(id) {
+  let link;
+  try {
+    link = await api(`/api/jobs/${encodeURIComponent(id)}/link`, { method: "POST" });
+  } catch (err) {
+    if (state.shownResult === id) $("job-error").textContent = err.message;
+    return null;
+  }
+  if (state.shownResult !== id) return null;
+  state.link = { job: id, ...link };
+  $("job-download").href = link.download_url;
+  return link;
+}
+
+function linkFresh(id) {
+  return state.link && state.link.job === id && state.link.expires_at - Date.now() / 1000 > 30;
+}
+
+async function showResult(id, at = 0) {
+  const link = await resultLink(id);
+  if (!link) return;
+  const video = $("job-video");
+  if (at > 0) video.addEventListener("loadedmetadata", () => (video.currentTime = at), { once: true });
+  video.src = link.url;
+  video.hidden = false;
+  $("job-download").hidden = false;
+}
+
+// The link ran out (or the server restarted) while the video was open: a new link, same position.
+// At most one try in 10 s, so that a result the browser cannot play does not loop.
+function videoFailed() {
+  const id = state.shownResult;
+  const video = $("job-video");
+  if (!id || !video.getAttribute("src")) return;
+  const now = Date.now();
+  if (state.videoRetryAt && now - state.videoRetryAt < 10000) return;
+  state.videoRetryAt = now;
+  showResult(id, video.currentTime || 0);
+}
+
+async function downloadClicked(event) {
+  const id = state.shownResult;
+  if (!id || linkFresh(id)) return; // the link in href is still good
+  event.preventDefault();
+  const link = await resultLink(id);
+  if (link) location.assign(link.download_url);
 }
 
 async function cancelSelected() {
@@ -358,6 +407,8 @@ async function start() {
   $("job-form").addEventListener("submit", submit);
   $("job-cancel").addEventListener("click", cancelSelected);
   $("job-delete").addEventListener("click", deleteSelected);
+  $("job-video").addEventListener("error", videoFailed);
+  $("job-download").addEventListener("click", downloadClicked);
   $("token-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     state.token = $("token-input").value.trim();

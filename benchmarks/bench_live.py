@@ -46,6 +46,7 @@ AVATARS = {  # name: (file, prepare options)
     "p1": ("p1_astronaut_eileen_collins_512.png", {}),
     "v3": ("v3_woman_glasses_524x524_25fps.mp4", {"max_seconds": 4.0}),
     "v4": ("v4_man_halfbody_hevc_1080x1920_25fps.mp4", {"max_seconds": 4.0}),
+    "v4half": ("v4_man_halfbody_hevc_1080x1920_25fps.mp4", {"max_seconds": 4.0, "resize_factor": 2}),
 }
 
 

@@ -218,6 +218,7 @@ def weights(data: bytes) -> None:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         _expect(any(shapes == dict(s) for s in schemas), f"load_state_dict({kind}) gave keys/shapes off the layout")
         _expect(all(isinstance(v, torch.Tensor) for v in state.values()), "a state entry that is not a tensor")
+        del state  # one model in memory at a time (a GFPGAN is 350 MB)
         model = _refusal_or_result(load_model, path, kind, "cpu", False, False)
         if model is not None:
             _expect(isinstance(model, torch.nn.Module) and not model.training, f"load_model({kind}) gave {model!r}")
@@ -228,6 +229,7 @@ def weights(data: bytes) -> None:
             with torch.no_grad():  # the models edit their weights in place (BatchNorm fusion)
                 for tensor in model.state_dict().values():
                     tensor.mul_(1)
+            del model
     info = _refusal_or_result(verify, path)
     if info is not None:
         _expect(info["kind"] in KINDS and info["face_size"] == GENERATOR_FACE_SIZE.get(info["kind"])

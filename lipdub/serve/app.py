@@ -271,11 +271,11 @@ class _TooLarge(Exception):
 
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
        "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-# /docs and /redoc: FastAPI's pages start Swagger UI / ReDoc with an inline script and the UIs set
-# inline styles; everything else still comes from this server only (the assets ship in fastapi-offline).
+# /docs: FastAPI's page starts Swagger UI with an inline script and Swagger UI sets inline styles;
+# everything else still comes from this server only (the assets ship in fastapi-offline).
 DOCS_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+            "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+            "form-action 'self'")
 
 
 class Guard:
@@ -308,7 +308,7 @@ class Guard:
         path = scope["path"]
         extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
                  (b"x-frame-options", b"DENY")]
-        docs = path in ("/docs", "/redoc", "/docs/oauth2-redirect")
+        docs = path in ("/docs", "/docs/oauth2-redirect")
         extra.append((b"content-security-policy", (DOCS_CSP if docs else CSP).encode()))
 
         async def send_headers(message):
@@ -404,9 +404,10 @@ def create_app(config: ServeConfig, store: JobStore, pool: WorkerPool | RayPool 
             if pool is not None:
                 await run_in_threadpool(pool.stop)
 
-    # FastAPIOffline: /docs (Swagger UI) and /redoc with their scripts and styles served from the
-    # fastapi-offline package, so the pages work without internet access.
+    # FastAPIOffline: /docs (Swagger UI) with its scripts and styles served from the fastapi-offline
+    # package, so the page works without internet access. No /redoc: ReDoc loads its logo from a CDN.
     app = FastAPIOffline(
+        redoc_url=None,
         title="lipdub",
         version=__version__,
         description=(

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -171,6 +172,20 @@ def test_the_cast_once_bf16_network_draws_the_generators_mouths(video_avatar, ne
     expected = generator(None, mels, skips)
     assert np.array_equal(performer.mouths(rows, mels), expected)
     assert not np.array_equal(expected[0], expected[1])
+
+
+def test_the_box_blend_pastes_the_mouth_as_the_original_does(photo_avatar, network):
+    avatar = load_avatar(photo_avatar)
+    performer = Performer(avatar, Generator(network, "auto"), blend="box")
+    mel = np.random.default_rng(3).random((1, 1, 80, 16), dtype=np.float32) * 8 - 4
+    pred = performer.mouths([0], mel)[0]
+    x1, y1, x2, y2 = avatar.boxes[0]
+    expected = avatar.frames[0].copy()
+    expected[y1:y2, x1:x2] = cv2.resize((pred * 255.0).astype(np.uint8), (int(x2 - x1), int(y2 - y1)))
+    assert np.array_equal(performer.draw(0, pred, 1.0), expected)
+    assert np.array_equal(performer.draw(0, pred, 0.0), avatar.frames[0])  # weight 0: the frame as it is
+    with pytest.raises(LipdubError, match="unknown blend"):
+        Performer(avatar, performer.generator, blend="soft")
 
 
 # ----------------------------------------------------------------------------- silence gating

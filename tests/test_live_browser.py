@@ -137,6 +137,7 @@ def test_a_microphone_drives_the_avatar_at_25_fps(live, microphone):
     now, presented, to_photo, to_previous = frames.T
     tail = now >= now[-1] - 10_000
     rate = (presented[tail][-1] - presented[tail][0]) / ((now[tail][-1] - now[tail][0]) / 1000)
+    print(f"browser: {rate:.1f} frames/s over the last 10 s; server: {stats}")
     assert rate >= 20, (rate, stats)
 
     # Resting: the photo's mouth, up to the codec (VP8 at ~0.5 Mbit/s, YUV -> RGB in the browser):

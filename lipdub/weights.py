@@ -319,6 +319,8 @@ def load_checkpoint(path: str | os.PathLike, display: str | None = None) -> obje
         raise LipdubError(f"{label} is truncated or corrupt" + (f" ({detail})" if detail else "")) from None
     except OSError as exc:
         raise LipdubError(f"cannot read {label}: {exc.strerror or exc}") from None
+    except Exception as exc:  # torch's unpickler lets damaged data out as KeyError, IndexError, TypeError...
+        raise LipdubError(f"{label} is truncated or corrupt ({type(exc).__name__} while unpickling)") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -264,6 +264,15 @@ def test_bad_pcm_and_a_push_after_the_end_are_errors(performer):
         session.push(np.zeros(320, np.float32))
 
 
+def test_a_session_opens_from_an_avatar_directory(photo_avatar, wav2lip_checkpoint, a1):
+    session = LiveSession.open(photo_avatar, checkpoint=str(wav2lip_checkpoint), device="cpu", silence=False)
+    frames = session.push(a1[:16000])
+    assert [f.index for f in frames] == list(range(20))  # 1 s: the frames whose windows it completes
+    assert frames[0].image.shape == (474, 474, 3) and all(f.mouth == 1.0 for f in frames)
+    with pytest.raises(LipdubError, match="not a lipdub avatar"):
+        LiveSession.open(photo_avatar.parent, checkpoint=str(wav2lip_checkpoint))
+
+
 def test_a_short_stream_ends_with_as_many_frames_as_it_lasts(performer, a1):
     frames = stream(LiveSession(performer, silence=False), a1[:1000], 160)  # 62.5 ms: under one window
     assert [f.index for f in frames] == [0, 1]

@@ -120,12 +120,14 @@ def test_a_microphone_drives_the_avatar_at_25_fps(live, microphone):
             frames = np.array(page.evaluate("() => window.__frames"))
             size = page.evaluate("() => [document.getElementById('avatar').videoWidth, "
                                  "document.getElementById('avatar').videoHeight]")
-            audio_energy = page.evaluate("""async () => {
-                let energy = 0;
+            audio_energy, buffers = page.evaluate("""async () => {
+                let energy = 0; const buffers = {};
                 (await window.lipdubLive.stats()).forEach((r) => {
-                  if (r.type === 'inbound-rtp' && r.kind === 'audio') energy = r.totalAudioEnergy;
+                  if (r.type !== 'inbound-rtp') return;
+                  if (r.kind === 'audio') energy = r.totalAudioEnergy;
+                  buffers[r.kind] = 1000 * r.jitterBufferDelay / Math.max(1, r.jitterBufferEmittedCount);
                 });
-                return energy;
+                return [energy, buffers];
             }""")
             session = page.evaluate("() => window.lipdubLive.session()")
             stats = server.json("GET", f"/api/stats?session={session}")[1][session]
@@ -137,7 +139,8 @@ def test_a_microphone_drives_the_avatar_at_25_fps(live, microphone):
     now, presented, to_photo, to_previous = frames.T
     tail = now >= now[-1] - 10_000
     rate = (presented[tail][-1] - presented[tail][0]) / ((now[tail][-1] - now[tail][0]) / 1000)
-    print(f"browser: {rate:.1f} frames/s over the last 10 s; server: {stats}")
+    print(f"browser: {rate:.1f} frames/s over the last 10 s, mean jitter buffer delay (ms) {buffers}; "
+          f"server: {stats}")
     assert rate >= 20, (rate, stats)
 
     # Resting: the photo's mouth, up to the codec (VP8 at ~0.5 Mbit/s, YUV -> RGB in the browser):

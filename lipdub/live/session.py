@@ -1,6 +1,6 @@
 """The live session: 16 kHz PCM in, in pieces of any size; the avatar's 25 fps frames out.
 
-    session = LiveSession(Performer(load_avatar("avatar"), generator))
+    session = LiveSession.open("avatar_dir")   # or LiveSession(Performer(load_avatar(...), generator))
     for piece in pcm_pieces:          # e.g. 20 ms from a microphone
         for frame in session.push(piece):
             show(frame.image); play(frame.audio)
@@ -38,10 +38,11 @@ import torch
 
 from .. import audio as audio_mod
 from ..audio import HOP, MEL_FPS, MEL_STEP_SIZE, N_FFT, SAMPLE_RATE, mel_basis
-from ..avatar import FPS, Avatar
+from ..avatar import FPS, Avatar, load_avatar
+from ..device import pick_device
 from ..blend import paste_box, paste_feather
 from ..errors import LipdubError
-from ..generate import Generator
+from ..generate import Generator, load_generator
 from ..speech import LAG, LEAD, WINDOW_SECONDS, SpeechStream, speech_windows
 
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
@@ -323,6 +324,19 @@ class LiveSession:
         self.next_frame = 0
         self.n_samples = 0
         self.ended = False
+
+    @classmethod
+    def open(cls, avatar: str | Avatar, checkpoint: str = "wav2lip_gan", device: str = "auto",
+             precision: str = "auto", blend: str = "feather", mask_scale: float = 1.0, **options) -> "LiveSession":
+        """A session on an avatar directory (or a loaded `Avatar`) with a generator loaded from
+        `checkpoint` (a registry name or a .pth): the one-call form of
+        `LiveSession(Performer(load_avatar(path), Generator(load_generator(checkpoint), precision)))`.
+        Several sessions on one avatar should share one `Performer` instead (`session.performer`)."""
+        if not isinstance(avatar, Avatar):
+            avatar = load_avatar(avatar)
+        generator = Generator(load_generator(checkpoint, pick_device(device), progress=False), precision,
+                              copy_model=False)
+        return cls(Performer(avatar, generator, blend, mask_scale), **options)
 
     # -------------------------------------------------------------------------------- input
     def push(self, pcm) -> list[LiveFrame]:

@@ -39,8 +39,8 @@ import torch
 from .. import audio as audio_mod
 from ..audio import HOP, MEL_FPS, MEL_STEP_SIZE, N_FFT, SAMPLE_RATE, mel_basis
 from ..avatar import FPS, Avatar, load_avatar
-from ..device import pick_device
 from ..blend import paste_box, paste_feather
+from ..device import pick_device
 from ..errors import LipdubError
 from ..generate import Generator, load_generator
 from ..speech import LAG, LEAD, WINDOW_SECONDS, SpeechStream, speech_windows

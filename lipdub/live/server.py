@@ -48,7 +48,14 @@ from ..avatar import FPS, load_avatar
 from ..device import cpu_count, pick_device
 from ..errors import LipdubError
 from ..generate import Generator, load_generator
-from .session import LOOKAHEAD_SAMPLES, SAMPLES_PER_FRAME, WINDOW_CENTRE_SECONDS, LiveFrame, LiveSession, Performer
+from .session import (
+    LOOKAHEAD_SAMPLES,
+    SAMPLES_PER_FRAME,
+    WINDOW_CENTRE_SECONDS,
+    LiveFrame,
+    LiveSession,
+    Performer,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("lipdub.live")

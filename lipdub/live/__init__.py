@@ -1,7 +1,8 @@
 """Live lip-sync: a talking avatar driven by a stream of audio, in real time on a CPU.
 
-`session.LiveSession` is the Python API (PCM in, frames out); `server` is `lipdub live`, the web
-page and WebRTC endpoint (aiortc, FastAPI), imported only by that command.
+`LiveSession` is the Python API (`LiveSession.open(avatar_dir).push(pcm) -> frames`, see
+`session`); `server` is `lipdub live`, the web page and the WebRTC and speech endpoints
+(aiortc, FastAPI), imported only by that command.
 """
 from __future__ import annotations
 

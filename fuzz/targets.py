@@ -24,6 +24,7 @@ import io
 import itertools
 import json
 import math
+import os
 import shutil
 import tempfile
 from fractions import Fraction
@@ -64,9 +65,12 @@ _SCRATCH: list[Path] = []
 
 
 def scratch(name: str) -> Path:
-    """A path in this process's scratch folder (one folder, reused by every input)."""
+    """A path in this process's scratch folder (one folder, reused by every input): under
+    $LIPDUB_FUZZ_SCRATCH when set (fuzz/run.py removes it even after a crash), else a
+    temporary folder removed at exit."""
     if not _SCRATCH:
-        folder = Path(tempfile.mkdtemp(prefix="lipdub-fuzz-"))
+        parent = os.environ.get("LIPDUB_FUZZ_SCRATCH")
+        folder = Path(tempfile.mkdtemp(prefix="lipdub-fuzz-", dir=parent or None))
         atexit.register(shutil.rmtree, folder, True)
         _SCRATCH.append(folder)
     return _SCRATCH[0] / name

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import LipdubError
+from .faces import runs
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # samples per decision: 32 ms, the only window the 16 kHz model accepts
@@ -196,12 +197,6 @@ def speech_windows(probs: np.ndarray, threshold: float = THRESHOLD, threshold_of
     return out
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) index ranges where mask is True."""
-    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
-
-
 def speech_segments(wav: np.ndarray, sample_rate: int = SAMPLE_RATE,
                     probs: np.ndarray | None = None) -> list[tuple[float, float]]:
     """The detector's speech as (start, end) seconds: runs of speech windows (`speech_windows`),
@@ -210,7 +205,7 @@ def speech_segments(wav: np.ndarray, sample_rate: int = SAMPLE_RATE,
     if probs is None:
         probs = speech_probability(wav, sample_rate)[1]
     duration = len(wav) / sample_rate
-    return [(a * WINDOW_SECONDS, min(b * WINDOW_SECONDS, duration)) for a, b in _runs(speech_windows(probs))]
+    return [(a * WINDOW_SECONDS, min(b * WINDOW_SECONDS, duration)) for a, b in runs(speech_windows(probs))]
 
 
 def silence_weights(wav: np.ndarray, fps: float, n_frames: int, min_silence: float = 0.3, fade_frames: int = 3,
@@ -255,13 +250,13 @@ def silence_weights(wav: np.ndarray, fps: float, n_frames: int, min_silence: flo
         b = min(n_frames, math.ceil((end + lag) * fps - 1e-9))  # one past the last one
         speech[a:b] = True
     speech[max(0, math.ceil(duration * fps - 1e-9)):] = False  # frames starting at or past the end
-    for a, b in _runs(~speech):
+    for a, b in runs(~speech):
         if a > 0 and b < n_frames and (b - a) / fps <= min_silence + 1e-9:
             speech[a:b] = True  # a short pause between speech frames
 
     weights = speech.astype(np.float32)
     ramp = (np.arange(fade_frames, 0, -1) / (fade_frames + 1)).astype(np.float32)  # .75 .5 .25 for 3
-    for a, b in _runs(~speech):
+    for a, b in runs(~speech):
         m = min(fade_frames, b - a)
         if a > 0:  # speech before: fade out
             weights[a: a + m] = np.maximum(weights[a: a + m], ramp[:m])

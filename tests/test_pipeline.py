@@ -60,8 +60,10 @@ def generator(model) -> Generator:
     return Generator(model, precision="fp32")
 
 
-def original_inference(frames: list[np.ndarray], wav: np.ndarray, fps: float, box, model, batch_size: int):
-    """The original inference.py loop with --box and default options (no pads, no smoothing)."""
+def original_inference(frames: list[np.ndarray], wav: np.ndarray, fps: float, box, model, batch_size: int,
+                       size: int = 96):
+    """The original inference.py loop with --box and default options (no pads, no smoothing).
+    With size 256 it is the 256 model's loop as LiveTalking runs it: the same steps at 256x256."""
     mel = audio_mod.melspectrogram(wav)
     chunks, mult, i = [], 80.0 / fps, 0
     while True:
@@ -76,9 +78,9 @@ def original_inference(frames: list[np.ndarray], wav: np.ndarray, fps: float, bo
     for b in range(0, len(chunks), batch_size):
         idx = range(b, min(len(chunks), b + batch_size))
         fr = [frames[i % len(frames)].copy() for i in idx]
-        faces = np.asarray([cv2.resize(f[y1:y2, x1:x2], (96, 96)) for f in fr])
+        faces = np.asarray([cv2.resize(f[y1:y2, x1:x2], (size, size)) for f in fr])
         masked = faces.copy()
-        masked[:, 96 // 2 :] = 0
+        masked[:, size // 2 :] = 0
         img = np.concatenate((masked, faces), axis=3) / 255.0
         mels = np.asarray([chunks[i] for i in idx])[..., None]
         img_t = torch.FloatTensor(np.transpose(img, (0, 3, 1, 2)))

@@ -310,40 +310,6 @@ V4 = "v4_man_halfbody_hevc_1080x1920_25fps.mp4"
 V3_BOX = (150, 450, 110, 410)  # TOP BOTTOM LEFT RIGHT
 
 
-def livetalking_loop(frames, mel, box, model, batch_size: int):
-    """The 256 model's inference as LiveTalking runs it with a fixed box: crop, resize to 256
-    (OpenCV bilinear), zero the lower half of the masked copy, scale by 1/255, predict, scale by
-    255, truncate to uint8, resize back to the box and paste as a rectangle. Windows and frames
-    as the original Wav2Lip pairs them (one frame per 16-window mel chunk, frames looping)."""
-    import cv2
-
-    chunks, step, i = [], 80.0 / 25, 0
-    while True:
-        start = int(i * step)
-        if start + 16 > mel.shape[1]:
-            chunks.append(mel[:, mel.shape[1] - 16:])
-            break
-        chunks.append(mel[:, start:start + 16])
-        i += 1
-    y1, y2, x1, x2 = box
-    out = []
-    for b in range(0, len(chunks), batch_size):
-        idx = range(b, min(len(chunks), b + batch_size))
-        fr = [frames[i % len(frames)].copy() for i in idx]
-        faces = np.asarray([cv2.resize(f[y1:y2, x1:x2], (256, 256)) for f in fr])
-        masked = faces.copy()
-        masked[:, 128:] = 0
-        img = np.concatenate((masked, faces), axis=3) / 255.0
-        mels = np.asarray([chunks[i] for i in idx])[..., None]
-        with torch.no_grad():
-            pred = model(torch.FloatTensor(np.transpose(mels, (0, 3, 1, 2))),
-                         torch.FloatTensor(np.transpose(img, (0, 3, 1, 2)))).numpy().transpose(0, 2, 3, 1) * 255.0
-        for p, f in zip(pred, fr):
-            f[y1:y2, x1:x2] = cv2.resize(p.astype(np.uint8), (x2 - x1, y2 - y1))
-            out.append(f)
-    return out
-
-
 def test_box_mode_at_256_equals_the_original_loop(tmp_path, media, model_256):
     import av
 
@@ -354,12 +320,14 @@ def test_box_mode_at_256_equals_the_original_loop(tmp_path, media, model_256):
     from lipdub.pipeline import render, source_order
 
     from .conftest import short_clip, short_speech
+    from .test_pipeline import original_inference
 
     clip = short_clip(media / V3, tmp_path / "clip.mp4", 4)
     with av.open(str(clip)) as c:
         frames = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
-    mel = audio_mod.melspectrogram(load_audio(short_speech(tmp_path / "speech.wav", 0.32)))  # 5 chunks
-    expected = livetalking_loop(frames, mel, V3_BOX, model_256, batch_size=4)
+    wav = load_audio(short_speech(tmp_path / "speech.wav", 0.32))  # 5 mel chunks
+    mel = audio_mod.melspectrogram(wav)
+    expected = original_inference(frames, wav, 25.0, V3_BOX, model_256, batch_size=4, size=256)
     source = VideoSource(clip)
     ticks = [pts for pts, _ in source.clock()]
     starts = audio_mod.chunk_starts(mel.shape[1], 25.0)

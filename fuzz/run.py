@@ -17,9 +17,11 @@ hands sys.argv to libFuzzer.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,7 +67,9 @@ def worker(target: str, flags: list[str]) -> None:
         for name in MODULES[target]:
             importlib.import_module(name)
     function = targets.TARGETS[target]
-    atheris.Setup([sys.argv[0]] + flags, function)
+    # libFuzzer starts argv[0] through the shell for -merge (and -fork): the whole worker command
+    argv0 = shlex.join([sys.executable, str(FUZZ / "run.py"), "--worker", target])
+    atheris.Setup([argv0] + flags, function)
     atheris.Fuzz()
 
 
@@ -121,11 +125,14 @@ def merge(target: str, python: str) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        env={**os.environ, "LIPDUB_FUZZ_SCRATCH": tmp})
         kept = {p.name for p in merged.iterdir()}
+        if not kept:
+            raise SystemExit(f"{target}: the merge kept no input; corpus left as it was")
         for path in corpus.iterdir():
             if not path.name.startswith("seed-") and path.name not in kept:
                 path.unlink()
-        for path in merged.iterdir():
-            if not (corpus / path.name).exists():
+        seeds = {hashlib.sha1(p.read_bytes()).hexdigest() for p in corpus.glob("seed-*")}
+        for path in merged.iterdir():  # libFuzzer names each input by the SHA-1 of its bytes
+            if path.name not in seeds and not (corpus / path.name).exists():
                 shutil.copy(path, corpus / path.name)
     files = list(corpus.iterdir())
     print(f"{target}: {len(files)} inputs, {sum(p.stat().st_size for p in files)} bytes after merge")

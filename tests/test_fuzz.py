@@ -8,7 +8,10 @@ with exit 0 and a valid mp4, or exit 2 with one line on stderr and nothing writt
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -91,6 +94,20 @@ def test_the_harness_reports_what_breaks_the_contract(monkeypatch):
     seed = (FUZZ / "corpus" / "media" / "seed-a3-16k-mono.wav").read_bytes()
     with pytest.raises(ContractViolation, match="not finite"):
         targets.media(seed)
+
+
+def test_the_runner_fuzzes_a_target_with_atheris(tmp_path):
+    """fuzz/run.py's worker: instrumented imports, libFuzzer's flags, a corpus folder (sniff: no torch)."""
+    pytest.importorskip("atheris")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in (FUZZ / "corpus" / "sniff").glob("seed-*"):
+        (corpus / path.name).write_bytes(path.read_bytes())
+    done = subprocess.run([sys.executable, str(FUZZ / "run.py"), "--worker", "sniff", "-runs=3000", "-timeout=20",
+                           "-rss_limit_mb=2048", str(corpus)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "LIPDUB_FUZZ_SCRATCH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Done 3000 runs" in done.stderr and "INITED cov:" in done.stderr
 
 
 # ------------------------------------------------------------------------------------ regressions, by name

@@ -237,7 +237,9 @@ def test_stage_option_errors(kwargs, message):
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def face_stage(gfpgan_checkpoint):
-    return RestoreStage(str(gfpgan_checkpoint), device="cpu", region="face", progress=False)
+    # fp32: these tests compare loaded weights and pixels with the rule-B values; the default
+    # precision is bf16 on CPUs with AVX-512 BF16 (bf16 restore has its own tests).
+    return RestoreStage(str(gfpgan_checkpoint), device="cpu", region="face", progress=False, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +260,7 @@ def test_checkpoint_params_fallback_and_bare(tmp_path, rule_b_gfpgan, face_stage
     assert torch.equal(face_stage.restorer.net.state_dict()[key], rule_b_gfpgan[key])
     path = tmp_path / "params_only.pth"
     torch.save({"params": rule_b_gfpgan}, path)
-    stage = RestoreStage(path, device="cpu", progress=False)
+    stage = RestoreStage(path, device="cpu", progress=False, precision="fp32")
     assert torch.equal(stage.restorer.net.state_dict()[key], rule_b_gfpgan[key])
     assert stage.region == "mouth" and stage.checkpoint == path
 

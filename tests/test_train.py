@@ -450,6 +450,16 @@ def test_empty_data_set_and_no_audio(dataset, tmp_path, expert_ckpt):
         run("train", "generator", dataset / "data", "-o", tmp_path / "g.pth", "--expert", tmp_path / "x.pth")
 
 
+def test_resume_refuses_a_256_generator_in_one_line(dataset, tmp_path, expert_ckpt, rule_a):
+    """Training builds the 96x96 generator; a 256x256 checkpoint as -o --resume is named, not a shape dump."""
+    output = tmp_path / "w256.pth"
+    rule_a.save_official_checkpoint("wav2lip256", str(output), seed_base=1000)
+    with pytest.raises(LipdubError, match=r"^--resume: .*w256.pth is a 256x256 generator; training covers "
+                                          r"the 96x96 Wav2Lip only$"):
+        run("train", "generator", dataset / "data", "-o", output, "--expert", expert_ckpt, "--resume",
+            "--steps", 1, "--quiet", "--workers", 0)
+
+
 def test_lipdub_cli_reports_training_errors_in_one_line(tmp_path, capsys):
     from lipdub import cli
 

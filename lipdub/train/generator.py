@@ -37,7 +37,7 @@ from ..device import autocast, pick_device, resolve_precision
 from ..errors import LipdubError
 from ..models.syncnet import SyncNetColor
 from ..models.wav2lip import Wav2Lip, Wav2LipDiscQual
-from ..weights import load_state_dict
+from ..weights import generator_variant, load_state_dict
 from .common import (
     Logger, RunOptions, barrier, broadcast_float, default_log_dir, init_distributed, load_optimizer_state,
     load_training_checkpoint, reproducible, save_checkpoint, sidecar, write_json_atomic,
@@ -174,6 +174,8 @@ def _train_generator(opts: GeneratorOptions) -> dict:
         if not output.is_file():
             raise LipdubError(f"--resume: no checkpoint at {output}")
         ckpt = load_training_checkpoint(output, "wav2lip")
+        if generator_variant(ckpt["state_dict"], str(output)) != "wav2lip":
+            raise LipdubError(f"--resume: {output} is a 256x256 generator; training covers the 96x96 Wav2Lip only")
         model.load_state_dict(ckpt["state_dict"], strict=True)
         load_optimizer_state(optimizer, ckpt.get("optimizer"), opts.lr)
         step, epoch = int(ckpt["global_step"]), int(ckpt["global_epoch"])

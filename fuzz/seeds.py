@@ -267,7 +267,6 @@ def weights_seeds(shared: Path) -> None:
 
 def _onnx_model() -> bytes:
     """A tiny ONNX image model: (N, 3, H, W) in, the same out (one Identity node)."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(

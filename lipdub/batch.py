@@ -65,7 +65,7 @@ from . import weights
 from .device import cpu_count
 from .errors import LipdubError
 from .generate import GeneratorCache
-from .media import check_readable, write_atomic
+from .media import check_readable, make_folder, write_atomic
 from .options import SyncOptions, check_value, fields, flag_of, from_text, spec_of
 from .pipeline import sync
 from .progress import bar
@@ -1235,13 +1235,7 @@ def run_batch(jobs: str | os.PathLike, out_dir: str | os.PathLike, workers: int 
     lines = read_manifest(manifest)
     ray, connected = connect_ray(ray_address) if ray_address else (None, False)  # before anything is written
     try:
-        out = Path(out_dir).expanduser().absolute()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LipdubError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-        if not os.access(out, os.W_OK):
-            raise LipdubError(f"the output folder {out} is not writable")
+        out = make_folder(Path(out_dir).expanduser().absolute())
         base = Path(_local(manifest)).expanduser().absolute().parent if not is_url(manifest) else Path.cwd()
         planned = plan_jobs(lines, base, out)
         lock = _lock(out)

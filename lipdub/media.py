@@ -510,8 +510,13 @@ def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
     `size` items between two lanes at most). An exception in the worker is raised in the
     consumer; when the consumer stops early (or fails) the worker stops at its next item and the
     upstream iterator is closed in the worker's own thread, so nothing is left running.
+
+    ``size=0`` is a hand-off: the worker prepares the next item while the consumer works on the
+    current one, then waits until the consumer takes it. Two items are alive at that boundary
+    instead of ``size + 2``, which is what large items (batches of 1080p frames) need.
     """
-    q: queue.Queue = queue.Queue(maxsize=size)
+    handoff = size == 0
+    q: queue.Queue = queue.Queue(maxsize=max(1, size))
     done = object()
     stop = threading.Event()
 
@@ -519,10 +524,16 @@ def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
         while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
-                return True
+                break
             except queue.Full:
                 continue
-        return False
+        else:
+            return False
+        if handoff:  # wait until the consumer has taken it
+            with q.all_tasks_done:
+                while q.unfinished_tasks and not stop.is_set():
+                    q.all_tasks_done.wait(0.1)
+        return not stop.is_set()
 
     def work() -> None:
         iterator = iter(iterable)
@@ -543,6 +554,7 @@ def prefetch(iterable: Iterable, size: int = 4) -> Iterator:
     try:
         while True:
             item = q.get()
+            q.task_done()
             if item is done:
                 return
             if isinstance(item, BaseException):
@@ -619,6 +631,19 @@ def check_writable(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise LipdubError(f"output path is a folder: {path}")
     return path
+
+
+def make_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """`path` as a writable folder, created with its parents if missing; a one-line LipdubError
+    naming it as `what` otherwise (a job folder, the service's data folder)."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LipdubError(f"cannot create the {what} {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK):
+        raise LipdubError(f"the {what} {folder} is not writable")
+    return folder
 
 
 class AudioTrack:
@@ -708,7 +733,7 @@ class VideoWriter:
     audio_path: Path | None = None
     audio_start: float = 0.0  # seconds into the audio that output time 0 shows (see load_audio)
     crf: int = 18
-    preset: str = "veryfast"
+    preset: str = "superfast"  # see options.X264_PRESETS
     _container: av.container.OutputContainer | None = field(default=None, init=False)
     n_frames: int = field(default=0, init=False)
 

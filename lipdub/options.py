@@ -39,6 +39,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+# x264's presets, fastest first. The default (superfast, CRF 18) comes from
+# benchmarks/bench_encode.py: 1.5-1.9x the encode speed of veryfast with at least its PSNR.
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 def check_device_name(name: str) -> str | None:
     """Why `name` is not a device name (auto, cpu, cuda, cuda:N, mps), or None."""
     if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
@@ -107,6 +112,10 @@ class SyncOptions:
                          check=check_device_name, metavar="|".join(DEVICES))
     precision: str = option("auto", "network arithmetic: auto (bf16 where the hardware runs it natively, else "
                                     "fp32), fp32 (exactly the original's), bf16", choices=PRECISIONS)
+    crf: int = option(18, "x264 quality of the output: 0 lossless .. 51 worst (default 18)", low=0, high=51,
+                      metavar="N", web=True)
+    preset: str = option("superfast", "x264 preset: slower ones give smaller files at the same --crf",
+                         choices=X264_PRESETS)
     skip_sha256: bool = option(False, "accept downloaded weights whose hash differs")
     progress: bool = option(True, "show progress bars", flag="--quiet", cli_help="no progress bars")
     progress_callback: Optional[ProgressCallback] = option(

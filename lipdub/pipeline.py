@@ -166,7 +166,8 @@ def render(
                             paste_feather(batch.frames[k], box, pred, alpha, marks, mask_scale)
             yield from batch.frames
 
-    lanes = prefetch(blended(prefetch(generated(prefetch(batches(), size=1)), size=1)), size=LANE_FRAMES)
+    # hand-offs between the batch lanes: each batch holds up to batch_size whole frames
+    lanes = prefetch(blended(prefetch(generated(prefetch(batches(), size=0)), size=0)), size=LANE_FRAMES)
     try:
         yield from lanes
     finally:
@@ -302,7 +303,7 @@ def sync(face: str | Path, audio: str | Path, output: str | Path, *, options: Sy
     progress = bar(len(order), "lip-sync", opts.progress)
     try:
         with VideoWriter(output, width, height, source.info.fps, audio_path=audio_path,
-                         audio_start=audio_start) as writer:
+                         audio_start=audio_start, crf=opts.crf, preset=opts.preset) as writer:
             for done, frame in enumerate(frames, 1):
                 with timer("encode"):
                     writer.write(frame)

@@ -183,3 +183,23 @@ def test_report_includes_sync_metrics_when_syncnet_is_cached(capsys, tmp_path, m
     assert len(sync["mean_dists"]) == 31
     assert sync["lse_d"] == pytest.approx(min(sync["mean_dists"]))
     assert sync["n_frames"] > 0 and sync["frames_without_face"] == 0
+
+
+def test_crf_and_preset_reach_the_encoder(capsys, workdir, speech, wav2lip_checkpoint):
+    """x264 writes its settings into the stream (an SEI message): the defaults (superfast: subme=1,
+    CRF 18) and `--crf 30 --preset ultrafast` (subme=0) must be there; a CRF out of range is one line."""
+    settings = {}
+    for name, extra in (("default", ()), ("fast", ("--crf", "30", "--preset", "ultrafast"))):
+        out = workdir / f"{name}.mp4"
+        code, _, err = run_cli(capsys, "--face", P2, "--audio", speech, "-o", out, "--checkpoint",
+                               wav2lip_checkpoint, *extra)
+        assert code == 0, err
+        data = out.read_bytes()
+        start = data.index(b"x264 - core")
+        settings[name] = data[start:data.index(b"\x00", start)].decode()
+    assert " crf=18.0 " in settings["default"] and " subme=1 " in settings["default"]
+    assert " crf=30.0 " in settings["fast"] and " subme=0 " in settings["fast"]
+    code, _, err = run_cli(capsys, "--face", P2, "--audio", speech, "-o", workdir / "bad.mp4", "--checkpoint",
+                           wav2lip_checkpoint, "--crf", "52")
+    assert_user_error(code, err, "--crf")
+    assert not (workdir / "bad.mp4").exists()

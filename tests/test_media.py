@@ -645,3 +645,75 @@ def test_other_input_codecs_decode_on_the_clock(media, tmp_path, codec, containe
     assert len(frames) == 8
     for got, want in zip(frames, originals):
         assert np.abs(got.astype(float) - want).mean() < 8  # lossy re-encode, same picture
+
+
+# ------------------------------------------------------------------------------------ prefetch lanes
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_prefetch_keeps_order_works_ahead_and_bounds_what_is_alive(size):
+    """A lane hands items on in order, prepares the next one while the consumer works (the
+    consumer waits for that below, so the test would hang, not pass, without it), and never
+    pulls more than size + 1 items ahead of the one the consumer holds (size 0: one)."""
+    import threading
+
+    from lipdub.media import prefetch
+
+    produced = []
+    pulled = threading.Condition()
+
+    def source():
+        for i in range(40):
+            with pulled:
+                produced.append(i)
+                pulled.notify_all()
+            yield i
+
+    lead = []
+    for consumed, item in enumerate(prefetch(source(), size=size)):
+        assert item == consumed
+        with pulled:  # the worker prepares the next item while this one is "worked on"
+            assert pulled.wait_for(lambda: len(produced) > min(consumed + 1, 39), timeout=10)
+            lead.append(len(produced) - (consumed + 1))
+    assert max(lead) <= size + 1
+    assert produced == list(range(40))
+
+
+def test_prefetch_raises_the_workers_error_and_closes_upstream_when_stopped_early():
+    from lipdub.media import prefetch
+
+    def failing():
+        yield 1
+        raise ValueError("decoder broke")
+
+    lane = prefetch(failing(), size=0)
+    assert next(lane) == 1
+    with pytest.raises(ValueError, match="decoder broke"):
+        next(lane)
+
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    lane = prefetch(endless(), size=0)
+    assert [next(lane) for _ in range(3)] == [0, 1, 2]
+    lane.close()
+    assert closed == [True]
+
+
+def test_make_folder_creates_parents_and_names_what_is_in_the_way(tmp_path):
+    from lipdub.media import make_folder
+
+    made = make_folder(tmp_path / "a" / "b")
+    assert made.is_dir() and made == tmp_path / "a" / "b"
+    assert make_folder(made) == made  # already there: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LipdubError, match=r"^cannot create the data folder .*file/sub: Not a directory$"):
+        make_folder(tmp_path / "file" / "sub", "data folder")

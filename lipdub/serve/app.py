@@ -42,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__, weights
 from ..device import pick_device
 from ..errors import LipdubError
+from ..media import make_folder
 from ..options import SyncOptions, options_from_text, spec_of, web_fields
 from . import sniff
 from .links import DEFAULT_TTL_S, MAX_TTL_S, LinkSigner
@@ -673,14 +674,7 @@ def prepare(config: ServeConfig) -> tuple[JobStore, Any]:
         raise LipdubError("--keep-days and --min-free-mb must be 0 or more")
     if not config.cancel_grace_s > 0:
         raise LipdubError("--cancel-grace must be more than 0")
-    data = Path(config.data).expanduser()
-    try:
-        data.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LipdubError(f"cannot create the data folder {data}: {exc.strerror}") from None
-    if not os.access(data, os.W_OK):
-        raise LipdubError(f"the data folder {data} is not writable")
-    config.data = data.resolve()
+    config.data = make_folder(config.data, "data folder").resolve()
     store = JobStore(config.data)
     lock = lock_data_dir(config.data)
     store.init()

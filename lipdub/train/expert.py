@@ -8,7 +8,7 @@ fixed, balanced set of val windows.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -4,6 +4,7 @@
     python benchmarks/bench.py --memory        # peak RSS of 6 s vs 60 s jobs (face video and audio
                                                # both that long) on v3 --box and v4
     python benchmarks/bench.py --case v3-box --seconds 20 --precision fp32 --repeat 3
+    python benchmarks/bench.py --model 256         # the 256x256 generator (G stays the 96 model's)
 
 Absolute speed drifts by +-40% on shared machines, so every case also measures G, the fp32
 generator's own frames/s (batch 16, median of 5 batches), in the same process moments before
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import CACHE, MEDIA, wav2lip_checkpoint
+from bench_common import CACHE, MEDIA, wav2lip256_checkpoint, wav2lip_checkpoint
 
 CASES = {
     "v3-box": dict(face="v3_woman_glasses_524x524_25fps.mp4", box=(150, 450, 110, 410)),
@@ -90,7 +91,7 @@ def long_face(name: str, seconds: float) -> Path:
 
 
 def run_one(case: str, seconds: float, device: str, batch_size: int, precision: str, long_video: bool = False,
-            measure_g: bool = True) -> dict:
+            measure_g: bool = True, model: str = "96") -> dict:
     from lipdub import sync
 
     g = generator_fps() if measure_g else None
@@ -98,13 +99,14 @@ def run_one(case: str, seconds: float, device: str, batch_size: int, precision: 
     face = long_face(spec["face"], seconds) if long_video else MEDIA / spec["face"]
     out = CACHE / f"out_{case}_{seconds:g}.mp4"
     start = time.perf_counter()
-    result = sync(face, speech(seconds), out, checkpoint=str(wav2lip_checkpoint()), box=spec.get("box"),
+    checkpoint = wav2lip256_checkpoint() if model == "256" else wav2lip_checkpoint()
+    result = sync(face, speech(seconds), out, checkpoint=str(checkpoint), box=spec.get("box"),
                   device=device, batch_size=batch_size, precision=precision, progress=False)
     wall = time.perf_counter() - start
     n = result.n_frames
     t = result.timings
     return {
-        "case": case + (" (long video)" if long_video else ""),
+        "case": case + (" (long video)" if long_video else "") + (" 256" if model == "256" else ""),
         "precision": precision,
         "seconds_of_audio": seconds,
         "frames": n,
@@ -119,11 +121,12 @@ def run_one(case: str, seconds: float, device: str, batch_size: int, precision: 
 
 
 def in_subprocess(case: str, seconds: float, device: str, batch_size: int, precision: str,
-                  long_video: bool = False) -> dict:
+                  long_video: bool = False, model: str = "96") -> dict:
     if long_video:
         long_face(CASES[case]["face"], seconds)  # made here, so its cost stays out of the measured job
     cmd = [sys.executable, __file__, "--one", case, "--seconds", str(seconds), "--device", device,
-           "--batch-size", str(batch_size), "--precision", precision] + (["--long-video"] if long_video else [])
+           "--batch-size", str(batch_size), "--precision", precision, "--model", model] + (
+               ["--long-video"] if long_video else [])
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -140,7 +143,7 @@ def show(r: dict) -> None:
     stages = "  ".join(f"{k} {v}" for k, v in r["stage_fps"].items())
     ratio = f"= {r['ratio_to_G']:.2f} G (G {r['G']:.1f} fps)" if r.get("G") else ""
     spread = f", ratios {r['ratios']}" if len(r.get("ratios", [])) > 1 else ""
-    print(f"{r['case']:>7} {r['precision']:>4} {r['size']:>9} {r['frames']:5d} frames  end-to-end "
+    print(f"{r['case']:>11} {r['precision']:>4} {r['size']:>9} {r['frames']:5d} frames  end-to-end "
           f"{r['end_to_end_fps']:6.2f} fps {ratio}  peak RSS {r['peak_rss_mb']:.0f} MB{spread}")
     print(f"{'':>12} stage frames/s: {stages}")
 
@@ -156,13 +159,14 @@ def main() -> None:
     parser.add_argument("--precision", action="append", choices=["auto", "fp32", "bf16"],
                         help="default: auto (the default precision) and fp32")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; medians are printed")
+    parser.add_argument("--model", choices=["96", "256"], default="96", help="which generator runs (default 96)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--long-video", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.seconds, args.device, args.batch_size, args.precision[0],
-                                 args.long_video, measure_g=not args.long_video)))
+                                 args.long_video, measure_g=not args.long_video, model=args.model)))
         return
     precisions = args.precision or ["auto", "fp32"]
     wav2lip_checkpoint()
@@ -170,7 +174,8 @@ def main() -> None:
     results = []
     if args.memory:
         for case in args.case or ["v3-box", "v4"]:
-            short, long = (in_subprocess(case, s, args.device, args.batch_size, precisions[0], long_video=True)
+            short, long = (in_subprocess(case, s, args.device, args.batch_size, precisions[0], long_video=True,
+                                         model=args.model)
                            for s in (6.0, 60.0))
             for r in (short, long):
                 show(r)
@@ -181,7 +186,8 @@ def main() -> None:
     else:
         for case in args.case or ["v3-box", "v4"]:
             for precision in precisions:
-                r = median_run([in_subprocess(case, args.seconds, args.device, args.batch_size, precision)
+                r = median_run([in_subprocess(case, args.seconds, args.device, args.batch_size, precision,
+                                              model=args.model)
                                 for _ in range(args.repeat)])
                 show(r)
                 results.append(r)

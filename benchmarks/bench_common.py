@@ -45,3 +45,9 @@ def cached(name: str, write: Callable[[str], None]) -> Path:
 def wav2lip_checkpoint() -> Path:
     """Rule-A generator weights in the official checkpoint format, made once."""
     return cached("wav2lip_rule_a.pth", lambda tmp: spec_module("fill_rule_a").save_official_checkpoint("wav2lip", tmp))
+
+
+def wav2lip256_checkpoint() -> Path:
+    """Rule-A weights of the 256x256 generator in the official checkpoint format, made once."""
+    return cached("wav2lip256_rule_a.pth",
+                  lambda tmp: spec_module("fill_rule_a").save_official_checkpoint("wav2lip256", tmp))

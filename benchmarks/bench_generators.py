@@ -28,15 +28,12 @@ import time
 import numpy as np
 import torch
 
-from bench_common import cached, spec_module, wav2lip_checkpoint
+from bench_common import wav2lip256_checkpoint, wav2lip_checkpoint
 from lipdub import weights
 from lipdub.device import cpu_has_bf16
 from lipdub.models.wav2lip import fuse_batchnorm
 
 
-def wav2lip256_checkpoint():
-    return cached("wav2lip256_rule_a.pth",
-                  lambda tmp: spec_module("fill_rule_a").save_official_checkpoint("wav2lip256", tmp))
 
 
 def inputs(size: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,9 +173,18 @@ def test_new_jobs_are_refused_while_the_disk_is_nearly_full(tmp_path, wav2lip_ch
                                             "audio": ("a.wav", speech["short"].read_bytes(), "audio/wav")})
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         try:
-            conn.request("POST", "/api/jobs", body=iter([body]), encode_chunked=True, headers={"Content-Type": ctype})
-            chunked = conn.getresponse()
-            assert chunked.status == 507 and f"it keeps {threshold:.0f} MB free" in json.loads(chunked.read())["detail"]
+            try:
+                conn.request("POST", "/api/jobs", body=iter([body]), encode_chunked=True,
+                             headers={"Content-Type": ctype})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered before the body's last chunk and closed the connection
+            try:
+                chunked = conn.getresponse()
+            except ConnectionResetError:
+                chunked = None  # its close (a reset) reached us first: refused, and nothing stored (below)
+            if chunked is not None:
+                assert chunked.status == 507 and \
+                    f"it keeps {threshold:.0f} MB free" in json.loads(chunked.read())["detail"]
         finally:
             conn.close()
         assert server.get_json("/api/jobs")["counts"]["queued"] == 0

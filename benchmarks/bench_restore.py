@@ -2,6 +2,11 @@
 
     python benchmarks/bench_restore.py                    # v3 and v4, first 10 frames each, CPU
     python benchmarks/bench_restore.py --frames 50 --device cuda --batch-size 8
+    python benchmarks/bench_restore.py --clips --rounds 7  # only the fp32 / default comparison
+
+First it compares the precisions: the network's seconds per face in fp32 and at the default
+precision (`auto`: bf16 where the hardware runs it natively), measured round by round in
+turn, so load from other processes hits both alike; medians and their ratio are printed.
 
 Reports, per clip, frames/s of the whole restore job (scan + restore + encode; the network
 load is excluded, it happens once per job) with the seconds per step, and the network's time
@@ -61,6 +66,22 @@ def network_time(stage, batch_size: int, repeats: int = 2) -> dict[str, float]:
     return out
 
 
+def compare_precisions(checkpoint: str, device: str, rounds: int = 5, faces: int = 2) -> dict:
+    """Median network seconds per face of fp32 and of the default precision, in alternating rounds."""
+    from lipdub.enhance import RestoreStage
+
+    stages = {p: RestoreStage(checkpoint, device=device, precision=p, batch_size=1, progress=False)
+              for p in ("fp32", "auto")}
+    times: dict[str, list[float]] = {p: [] for p in stages}
+    for _ in range(rounds):
+        for p, stage in stages.items():
+            times[p].append(network_time(stage, 1, repeats=faces)["batch1_s_per_face"])
+    median = {p: float(np.median(v)) for p, v in times.items()}
+    return {"fp32_s_per_face": median["fp32"], "default_s_per_face": median["auto"],
+            "default_precision": stages["auto"].restorer.precision, "ratio": median["auto"] / median["fp32"],
+            "rounds": rounds}
+
+
 def bench_restore(frames: int = 10, clips=("v3", "v4"), device: str = "cpu", batch_size: int | None = None,
                   region: str = "face", upscale: int = 1, checkpoint: str | None = None,
                   verbose: bool = True) -> dict:
@@ -104,14 +125,26 @@ def bench_restore(frames: int = 10, clips=("v3", "v4"), device: str = "cpu", bat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=10, help="first N frames of each clip (default 10)")
-    p.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=["v3", "v4"])
+    p.add_argument("--clips", nargs="*", choices=sorted(CLIPS), default=["v3", "v4"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="faces per network call (default: 1 on CPU, 4 on GPU)")
     p.add_argument("--region", choices=["face", "mouth"], default="face")
     p.add_argument("--upscale", type=int, choices=[1, 2, 4], default=1)
     p.add_argument("--checkpoint", default=None, help="a real GFPGANv1.x.pth instead of rule-B weights")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the fp32 / default comparison (0: skip it)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
+    ckpt = args.checkpoint or str(gfpgan_checkpoint())
+    if args.rounds:
+        cmp = compare_precisions(ckpt, args.device, args.rounds)
+        if not args.json:
+            print(f"network seconds per face (batch 1, median of {cmp['rounds']} rounds): fp32 "
+                  f"{cmp['fp32_s_per_face']:.2f}, default ({cmp['default_precision']}) "
+                  f"{cmp['default_s_per_face']:.2f} = {cmp['ratio']:.2f}x fp32")
+    if not args.clips:
+        if args.json and args.rounds:
+            print(json.dumps(cmp, indent=2))
+        return 0
     report = bench_restore(args.frames, args.clips, args.device, args.batch_size, args.region, args.upscale,
                            args.checkpoint, verbose=not args.json)
     if args.json:
